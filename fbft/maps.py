@@ -1,0 +1,123 @@
+"""Pre-processing and anomaly maps as pure functions, following the official implementation.
+
+Image -> edge-pad to a centred square -> bicubic resize -> ImageNet normalisation.
+Tokens -> per-patch discrepancies Δ_j, Δ_k -> fusion -> bilinear upsample to the padded square
+-> approximate Gaussian blur -> crop the padding away -> map at the image's original H×W.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+TOP_FRACTION = 0.001
+# The official approximate Gaussian blur: (box side, passes).
+OFFICIAL_BLUR = ((5, 5), (7, 3))
+
+
+def as_rgb(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Check an HxWx3 uint8 image (HxW or HxWx1 grayscale is replicated to RGB)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"{name}: expected uint8 pixels, got {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        raise ValueError(f"{name}: expected an HxWx3 RGB array, got shape {image.shape}")
+    return image
+
+
+def pad_to_square(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """Edge-replicate an HxWxC image to a centred max(H, W) square -> (square, (top, left))."""
+    h, w = image.shape[:2]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    pad = [(top, side - h - top), (left, side - w - left)] + [(0, 0)] * (image.ndim - 2)
+    return np.pad(image, pad, mode="edge"), (top, left)
+
+
+def preprocess(
+    image: np.ndarray, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """HxWx3 uint8 image -> normalised (3, S, S) float tensor, as the official loader."""
+    square, _ = pad_to_square(as_rgb(image))
+    resized = Image.fromarray(square).resize((image_size, image_size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float().div_(255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (x - mean_t) / std_t
+
+
+def discrepancy(pred: torch.Tensor, target: torch.Tensor, distance: str) -> torch.Tensor:
+    """Per-token discrepancy (..., D) -> (...): ``l2`` between unit vectors or ``cosine``."""
+    if distance == "l2":
+        diff = F.normalize(pred, dim=-1) - F.normalize(target, dim=-1)
+        return diff.pow(2).sum(-1).sqrt()
+    if distance == "cosine":
+        return 1 - F.cosine_similarity(pred, target, dim=-1, eps=1e-6)
+    raise ValueError(f"distance must be 'l2' or 'cosine', got {distance!r}")
+
+
+def fuse(delta_j: torch.Tensor, delta_k: torch.Tensor, fusion: str) -> torch.Tensor:
+    """Fuse the two contextualisation-specific maps: product (default), sum, Δ_j or Δ_k only."""
+    if fusion == "product":
+        return delta_j * delta_k
+    if fusion == "sum":
+        return delta_j + delta_k
+    if fusion == "j":
+        return delta_j
+    if fusion == "k":
+        return delta_k
+    raise ValueError(f"fusion must be one of product, sum, j, k; got {fusion!r}")
+
+
+def upsample(patch_map: torch.Tensor, side: int) -> torch.Tensor:
+    """(B, g, g) patch maps -> (B, side, side), bilinear (align_corners=False)."""
+    return F.interpolate(patch_map[:, None], size=(side, side), mode="bilinear")[:, 0]
+
+
+def blur(maps: torch.Tensor, mode: str = "official") -> torch.Tensor:
+    """Approximate Gaussian blur of (B, H, W) maps: 5 passes of a 5×5 box, then 3 of a 7×7 box.
+
+    Zero padding, output of the same size (a box mean that counts the zero padding), exactly the
+    official sequence of convolutions.
+    """
+    if mode == "none":
+        return maps
+    if mode != "official":
+        raise ValueError(f"blur must be 'official' or 'none', got {mode!r}")
+    x = maps[:, None]
+    for side, passes in OFFICIAL_BLUR:
+        for _ in range(passes):
+            x = F.avg_pool2d(x, side, stride=1, padding=side // 2, count_include_pad=True)
+    return x[:, 0]
+
+
+def crop(square_map: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
+    """Remove the square padding: (..., S, S) -> (..., height, width)."""
+    return square_map[..., top : top + height, left : left + width]
+
+
+def image_score(anomaly_map: torch.Tensor | np.ndarray) -> float:
+    """Mean of the top max(1, int(0.001·H·W)) values of a map (accumulated in float64)."""
+    if isinstance(anomaly_map, torch.Tensor):
+        values = anomaly_map.reshape(-1)
+        k = max(1, int(TOP_FRACTION * values.numel()))
+        return float(torch.topk(values, k).values.double().mean())
+    values = np.asarray(anomaly_map).reshape(-1)
+    k = max(1, int(TOP_FRACTION * values.size))
+    return float(np.partition(values, values.size - k)[values.size - k :].mean(dtype=np.float64))
+
+
+def anomaly_map(
+    patch_map: torch.Tensor, height: int, width: int, blur_mode: str = "official"
+) -> torch.Tensor:
+    """One (g, g) fused patch map -> the (height, width) anomaly map of the original image."""
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    square = blur(upsample(patch_map[None].float(), side), blur_mode)[0]
+    return crop(square, top, left, height, width)

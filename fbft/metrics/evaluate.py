@@ -1,0 +1,216 @@
+"""The Tiny Anomalies metrics of one category: I-AUROC, P-AUROC, AUPRO at four FPR limits, the
+cumulative-quartile AUPROs and ρ — at the ground truth's original resolution.
+
+Maps may arrive one image at a time (:class:`MetricAccumulator`); :func:`evaluate` is the one-shot
+form. Exact mode (default) has one curve point per distinct score, as MVTec AD's evaluation;
+``num_thresholds=99`` is the L2BT code's sampled protocol.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from fbft.maps import image_score
+from fbft.metrics import pro
+from fbft.metrics.quartiles import QUARTILES, cumulative_subsets, robustness, size_quartiles
+
+LIMITS = {"30": 0.3, "10": 0.1, "5": 0.05, "1": 0.01}
+QUARTILE_LIMITS = ("30", "5")
+EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
+
+
+def metric_keys() -> list[str]:
+    """Every key :func:`evaluate` returns, in a stable order."""
+    keys = ["i_auroc", "p_auroc"] + [f"aupro_{lim}" for lim in LIMITS]
+    keys += [f"aupro_{lim}_{q}" for lim in QUARTILE_LIMITS for q in QUARTILES]
+    return keys + [f"rho_{lim}" for lim in QUARTILE_LIMITS] + ["size_q1", "size_q2", "size_q3"]
+
+
+@dataclass(frozen=True)
+class Curves:
+    """PRO curves (x = FPR, one y row per subset Q1..Q4) and the pixel ROC curve."""
+
+    fpr: np.ndarray
+    pro: dict[str, np.ndarray]
+    roc_fpr: np.ndarray
+    roc_tpr: np.ndarray
+
+    def up_to(self, max_fpr: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The PRO curves restricted to FPR <= max_fpr (for plotting)."""
+        rows = np.stack([self.pro[q] for q in QUARTILES])
+        x, y = pro.truncate(self.fpr, rows, max_fpr)
+        return x, dict(zip(QUARTILES, y, strict=True))
+
+
+class MetricAccumulator:
+    """Collects maps and masks one image at a time; :meth:`compute` gives every metric.
+
+    Memory: one copy of the nominal scores (sorted in place once) and the component pixels.
+    ``device``: "auto" sorts on a CUDA device when one is present, else with numpy.
+    """
+
+    def __init__(self, num_thresholds: int | None = None, device: str = "auto") -> None:
+        if num_thresholds is not None and int(num_thresholds) < 2:
+            raise ValueError(f"num_thresholds must be None (exact) or >= 2, got {num_thresholds}")
+        self.num_thresholds = num_thresholds
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self._nominal: list[np.ndarray] = []
+        self._positive: list[np.ndarray] = []
+        self._component: list[np.ndarray] = []
+        self._sizes: list[np.ndarray] = []
+        self._labels: list[int] = []
+        self._scores: list[float] = []
+        self._sorted: pro.SortedScores | None = None
+        self.curves: Curves | None = None
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def update(
+        self,
+        anomaly_map: np.ndarray,
+        mask: np.ndarray,
+        label: int | None = None,
+        score: float | None = None,
+    ) -> None:
+        """Add one image: its HxW map, its HxW ground-truth mask (bool or 0/1), optionally its
+        label (default: mask has any positive pixel) and image score (default: mean of the top
+        max(1, int(0.001·H·W)) map values)."""
+        index = len(self._labels)
+        values = np.asarray(anomaly_map)
+        truth = np.asarray(mask)
+        if values.ndim != 2 or truth.shape != values.shape:
+            raise ValueError(
+                f"image {index}: the map has shape {values.shape} but the mask has shape "
+                f"{truth.shape}; both must be the same HxW (upsample maps to the mask's size)"
+            )
+        if not np.issubdtype(values.dtype, np.floating):
+            values = values.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f"image {index}: the anomaly map contains NaN or inf values")
+        truth = truth != 0
+        if truth.any():
+            labeled, n = ndimage.label(truth, structure=EIGHT_CONNECTED)
+            flat, where = labeled.ravel(), np.flatnonzero(truth)
+            self._nominal.append(values.ravel()[flat == 0])
+            self._positive.append(values.ravel()[where])
+            offset = sum(s.size for s in self._sizes)
+            self._component.append(flat[where].astype(np.int64) + (offset - 1))
+            self._sizes.append(np.bincount(flat[where], minlength=n + 1)[1:])
+        else:
+            self._nominal.append(values.ravel().copy())
+        self._labels.append(int(truth.any()) if label is None else int(label))
+        self._scores.append(image_score(values) if score is None else float(score))
+        self._sorted = None
+
+    def compute(self, num_thresholds: int | str | None = "default") -> dict[str, float]:
+        """Every metric of :func:`metric_keys`; ``num_thresholds`` overrides the accumulator's
+        mode for this call (the data is sorted once and shared by both modes)."""
+        mode = self.num_thresholds if num_thresholds == "default" else num_thresholds
+        if not self._labels:
+            raise ValueError("no maps to evaluate: give at least one map and mask")
+        if not self._sizes:
+            raise ValueError(
+                f"none of the {len(self._labels)} masks has an anomalous pixel: AUPRO and P-AUROC "
+                "are undefined without ground-truth defects (evaluate a test set with defects)"
+            )
+        nominal = self._sorted_nominal()
+        if nominal.size == 0:
+            raise ValueError("every pixel is anomalous: the false-positive rate is undefined")
+        scores = np.concatenate(self._positive).astype(nominal.dtype, copy=False)
+        component = np.concatenate(self._component)
+        sizes = np.concatenate(self._sizes)
+        quartiles = size_quartiles(sizes)
+        subsets = cumulative_subsets(sizes, quartiles)
+
+        # Row weights of every positive pixel: PRO per subset, then the pixel ROC (1/P each).
+        per_component = subsets / (sizes[None] * subsets.sum(axis=1, keepdims=True))
+        weights = np.vstack(
+            [per_component[:, component], np.full((1, scores.size), 1.0 / scores.size)]
+        )
+        x, y = pro.exact_curves(nominal, scores, weights)
+        result = {"p_auroc": float(pro.area(x, y[4:], 1.0)[0])}
+        self.curves = Curves(x, dict(zip(QUARTILES, y[:4], strict=True)), x, y[4])
+        if mode is not None:
+            x, y4 = pro.official_curves(nominal, scores, component, sizes, subsets, int(mode))
+            self.curves = Curves(
+                x, dict(zip(QUARTILES, y4, strict=True)), self.curves.roc_fpr, self.curves.roc_tpr
+            )
+            y = y4
+        aupro = {lim: pro.area(x, y[:4], limit) / limit for lim, limit in LIMITS.items()}
+        result["i_auroc"] = self._image_auroc()
+        for lim in LIMITS:
+            result[f"aupro_{lim}"] = float(aupro[lim][3])
+        for lim in QUARTILE_LIMITS:
+            for i, q in enumerate(QUARTILES):
+                result[f"aupro_{lim}_{q}"] = float(aupro[lim][i])
+            result[f"rho_{lim}"] = robustness(aupro[lim])
+        for i, q in enumerate(quartiles, start=1):
+            result[f"size_q{i}"] = float(q)
+        return {key: result[key] for key in metric_keys()}
+
+    def _sorted_nominal(self) -> pro.SortedScores:
+        if self._sorted is None:
+            dtype = np.result_type(*self._nominal, *self._positive)
+            total = sum(c.size for c in self._nominal)
+            merged = np.empty(total, dtype=dtype)
+            start = 0
+            while self._nominal:  # copy chunk by chunk, releasing each: peak = total + 1 chunk
+                chunk = self._nominal.pop(0)
+                merged[start : start + chunk.size] = chunk
+                start += chunk.size
+            self._nominal = [merged]
+            self._sorted = pro.SortedScores(merged, self.device)
+        return self._sorted
+
+    def _image_auroc(self) -> float:
+        labels = np.asarray(self._labels)
+        scores = np.asarray(self._scores, dtype=np.float64)
+        if labels.min() == labels.max():
+            warnings.warn(
+                "I-AUROC is undefined when every image has the same label "
+                f"({'anomalous' if labels[0] else 'nominal'}); reporting NaN",
+                stacklevel=3,
+            )
+            return float("nan")
+        negatives = pro.SortedScores(scores[labels == 0].copy())
+        positives = scores[labels == 1]
+        x, y = pro.exact_curves(
+            negatives, positives, np.full((1, positives.size), 1.0 / positives.size)
+        )
+        return float(pro.area(x, y, 1.0)[0])
+
+
+def evaluate(
+    maps: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    labels: Sequence[int] | None = None,
+    scores: Sequence[float] | None = None,
+    num_thresholds: int | None = None,
+) -> dict[str, float]:
+    """Every Tiny Anomalies metric of one category (see :func:`metric_keys`).
+
+    maps: HxW float arrays; masks: HxW bool/0-1 arrays of the same shapes. ``labels`` default to
+    ``mask.any()``; ``scores`` default to the mean of the top max(1, int(0.001·H·W)) map values.
+    ``num_thresholds=None`` is the exact curve; ``99`` is the official L2BT protocol.
+    """
+    for name, seq in (("masks", masks), ("labels", labels), ("scores", scores)):
+        if seq is not None and len(seq) != len(maps):
+            raise ValueError(f"got {len(maps)} maps but {len(seq)} {name}")
+    acc = MetricAccumulator(num_thresholds)
+    for i, (m, g) in enumerate(zip(maps, masks, strict=True)):
+        acc.update(
+            m,
+            g,
+            None if labels is None else labels[i],
+            None if scores is None else scores[i],
+        )
+    return acc.compute()
