@@ -7,13 +7,15 @@ Tokens -> per-patch discrepancies Δ_j, Δ_k -> fusion -> bilinear upsample to t
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 TOP_FRACTION = 0.001
-# The official approximate Gaussian blur: (box side, passes).
+# The official approximate Gaussian blur: (box side, passes), applied in this order.
 OFFICIAL_BLUR = ((5, 5), (7, 3))
 
 
@@ -75,35 +77,35 @@ def fuse(delta_j: torch.Tensor, delta_k: torch.Tensor, fusion: str) -> torch.Ten
     raise ValueError(f"fusion must be one of product, sum, j, k; got {fusion!r}")
 
 
-def upsample(patch_map: torch.Tensor, side: int) -> torch.Tensor:
-    """(B, g, g) patch maps -> (B, side, side), bilinear (align_corners=False)."""
-    return F.interpolate(patch_map[:, None], size=(side, side), mode="bilinear")[:, 0]
+@functools.lru_cache(maxsize=64)
+def _axis_operator(grid: int, side: int, blur_mode: str) -> torch.Tensor:
+    """(side, grid) float64 matrix M of the map pipeline along one axis.
 
-
-def blur(maps: torch.Tensor, mode: str = "official") -> torch.Tensor:
-    """Approximate Gaussian blur of (B, H, W) maps: 5 passes of a 5×5 box, then 3 of a 7×7 box.
-
-    Zero padding, output of the same size (a box mean that counts the zero padding), exactly the
-    official sequence of convolutions.
+    Bilinear upsampling (align_corners=False) of a grid×grid map to side×side, then the
+    official approximate Gaussian blur (5 passes of a 5×5 box mean, then 3 of a 7×7 box mean,
+    zero padding, same size), are linear and separable, so the upsampled, blurred square map
+    is M·P·Mᵀ for a patch map P; cropping the padding away takes rows of M.
     """
-    if mode == "none":
-        return maps
-    if mode != "official":
-        raise ValueError(f"blur must be 'official' or 'none', got {mode!r}")
-    x = maps[:, None]
-    for side, passes in OFFICIAL_BLUR:
-        for _ in range(passes):
-            x = F.avg_pool2d(x, side, stride=1, padding=side // 2, count_include_pad=True)
-    return x[:, 0]
+    if blur_mode not in ("official", "none"):
+        raise ValueError(f"blur must be 'official' or 'none', got {blur_mode!r}")
+    basis = torch.eye(grid, dtype=torch.float64)[None]  # one channel per grid cell
+    x = F.interpolate(basis, size=side, mode="linear")  # (1, grid, side)
+    if blur_mode == "official":
+        for width, passes in OFFICIAL_BLUR:
+            for _ in range(passes):
+                x = F.avg_pool1d(x, width, stride=1, padding=width // 2)
+    return x[0].T.contiguous()
 
 
-def crop(square_map: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
-    """Remove the square padding: (..., S, S) -> (..., height, width)."""
-    return square_map[..., top : top + height, left : left + width]
+@functools.lru_cache(maxsize=64)
+def _operator_on(grid: int, side: int, blur_mode: str, device: str) -> torch.Tensor:
+    return _axis_operator(grid, side, blur_mode).to(device=device, dtype=torch.float32)
 
 
 def image_score(anomaly_map: torch.Tensor | np.ndarray) -> float:
     """Mean of the top max(1, int(0.001·H·W)) values of a map (accumulated in float64)."""
+    if isinstance(anomaly_map, torch.Tensor) and anomaly_map.device.type == "cpu":
+        anomaly_map = anomaly_map.numpy()
     if isinstance(anomaly_map, torch.Tensor):
         values = anomaly_map.reshape(-1)
         k = max(1, int(TOP_FRACTION * values.numel()))
@@ -116,8 +118,9 @@ def image_score(anomaly_map: torch.Tensor | np.ndarray) -> float:
 def anomaly_map(
     patch_map: torch.Tensor, height: int, width: int, blur_mode: str = "official"
 ) -> torch.Tensor:
-    """One (g, g) fused patch map -> the (height, width) anomaly map of the original image."""
+    """One (g, g) fused patch map -> the (height, width) float32 anomaly map of the original image:
+    bilinear upsample to the padded max(H, W) square, blur, crop exactly the padding away."""
     side = max(height, width)
     top, left = (side - height) // 2, (side - width) // 2
-    square = blur(upsample(patch_map[None].float(), side), blur_mode)[0]
-    return crop(square, top, left, height, width)
+    op = _operator_on(patch_map.shape[-1], side, blur_mode, str(patch_map.device))
+    return op[top : top + height] @ patch_map.float() @ op[left : left + width].T

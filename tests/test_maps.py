@@ -79,13 +79,6 @@ def slow_bilinear(grid: np.ndarray, side: int) -> np.ndarray:
     return out
 
 
-def test_upsample_is_bilinear_with_half_pixel_centres():
-    rng = np.random.default_rng(2)
-    grid = rng.random((4, 4))
-    ours = maps.upsample(torch.tensor(grid)[None], 13)[0].numpy()
-    assert np.allclose(ours, slow_bilinear(grid, 13), atol=1e-12)
-
-
 def slow_box(image: np.ndarray, side: int) -> np.ndarray:
     """Mean over a side×side window centred on each pixel, zeros outside."""
     r = side // 2
@@ -102,29 +95,34 @@ def slow_box(image: np.ndarray, side: int) -> np.ndarray:
     return out
 
 
-def test_official_blur_is_five_5x5_then_three_7x7_zero_padded_boxes():
+def slow_pipeline(grid: np.ndarray, height: int, width: int, blur: bool) -> np.ndarray:
+    side = max(height, width)
+    square = slow_bilinear(grid, side)
+    if blur:
+        for box, passes in ((5, 5), (7, 3)):
+            for _ in range(passes):
+                square = slow_box(square, box)
+    top, left = (side - height) // 2, (side - width) // 2
+    return square[top : top + height, left : left + width]
+
+
+@pytest.mark.parametrize(("height", "width"), [(13, 9), (8, 15), (12, 12)])
+@pytest.mark.parametrize("blur", ["official", "none"])
+def test_map_is_upsampled_blurred_and_cropped_like_the_official_steps(height, width, blur):
     rng = np.random.default_rng(3)
-    image = rng.random((11, 9))
-    expected = image
-    for side, passes in ((5, 5), (7, 3)):
-        for _ in range(passes):
-            expected = slow_box(expected, side)
-    ours = maps.blur(torch.tensor(image)[None])[0].numpy()
-    assert ours.shape == image.shape
-    assert np.allclose(ours, expected, atol=1e-12)
-    assert np.array_equal(maps.blur(torch.tensor(image)[None], "none")[0].numpy(), image)
+    grid = rng.random((4, 4))
+    ours = maps.anomaly_map(torch.tensor(grid), height, width, blur).numpy()
+    assert ours.shape == (height, width) and ours.dtype == np.float32
+    expected = slow_pipeline(grid, height, width, blur == "official")
+    assert np.allclose(ours, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_crop_and_full_map_keep_the_original_size():
-    square = torch.arange(100.0).reshape(10, 10)
-    assert maps.crop(square, 2, 0, 6, 10).tolist() == square[2:8].tolist()
+def test_maps_keep_the_original_size_and_reject_unknown_blur():
     patch = torch.rand(4, 4)
     assert maps.anomaly_map(patch, 130, 90).shape == (130, 90)
     assert maps.anomaly_map(patch, 7, 30).shape == (7, 30)
-    # the crop removes exactly the padding: the map equals the centre of the padded square
-    side = 130
-    full = maps.blur(maps.upsample(patch[None], side))[0]
-    assert torch.equal(maps.anomaly_map(patch, 130, 90), full[:, 20:110])
+    with pytest.raises(ValueError, match="blur"):
+        maps.anomaly_map(patch, 7, 30, "gaussian")
 
 
 def test_image_score_is_mean_of_top_share():

@@ -75,9 +75,9 @@ def test_tokens_api_equals_images_api(trained):
     train, test = textures(3, seed=7), textures(2, seed=8, shape=(40, 70))
     by_images = FBFT(tiny_config(epochs=2)).fit(train)
     model = FBFT(tiny_config(epochs=2))
-    model.fit_tokens(list(model.teacher_tokens(train)))
+    model.fit_tokens(model.teacher_tokens(train))
     expected = by_images.predict(test)[0]
-    got = model.predict_tokens(list(model.teacher_tokens(test)), [t.shape[:2] for t in test])[0]
+    got = model.predict_tokens(model.teacher_tokens(test), [t.shape[:2] for t in test])[0]
     assert all(np.array_equal(x, y) for x, y in zip(expected, got, strict=True))
 
 
