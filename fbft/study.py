@@ -249,7 +249,7 @@ def _run_category(
     del tokens
     fit_seconds = model.timings["fit_seconds"]
 
-    acc = MetricAccumulator(context.num_thresholds)
+    acc = MetricAccumulator(context.num_thresholds, pixels=sum(h * w for h, w in test.sizes()))
     anomalous = [i for i, s in enumerate(test) if s.label]
     nominal = [i for i, s in enumerate(test) if not s.label]
     shown = set(_spread(anomalous, max(0, context.pictures - 1)) + nominal[:1][: context.pictures])

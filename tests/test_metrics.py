@@ -7,10 +7,13 @@ from collections import deque
 
 import numpy as np
 import pytest
+import torch
 
 from fbft.metrics import MetricAccumulator, evaluate, metric_keys
 
 LIMITS = {"30": 0.3, "10": 0.1, "5": 0.05, "1": 0.01}
+# Several cases have only anomalous images, where I-AUROC is NaN by design (warned).
+pytestmark = pytest.mark.filterwarnings("ignore:I-AUROC is undefined")
 
 
 # ----------------------------------------------------------------------------- the oracle
@@ -280,6 +283,46 @@ def test_accumulator_streaming_equals_one_shot_and_both_modes_share_data():
     assert fpr[0] == 0 and fpr[-1] == pytest.approx(0.3) and np.all(np.diff(fpr) >= 0)
     assert set(pros) == {"q1", "q2", "q3", "q4"}
     assert all(p.min() >= 0 and p.max() <= 1 for p in pros.values())
+
+
+@pytest.mark.parametrize("pixels", [None, 10, 10_000])
+def test_accumulator_storage_modes_agree(pixels):
+    """Preallocated buffer, too small a buffer, no buffer; mixed dtypes switch to chunks."""
+    rng = np.random.default_rng(13)
+    maps, masks = random_case(rng, n_images=6, levels=30)
+    maps = [m.astype(np.float32) if i < 3 else m for i, m in enumerate(maps)]
+    acc = MetricAccumulator(pixels=pixels)
+    for m, g in zip(maps[:3], masks[:3], strict=True):
+        acc.update(m, g)
+    first = acc.compute()
+    for m, g in zip(maps[3:], masks[3:], strict=True):
+        acc.update(m, g)
+    assert acc.compute() == evaluate(maps, masks)
+    assert first == evaluate(maps[:3], masks[:3])
+
+
+def test_torch_sorting_path_equals_numpy():
+    """The path used on a GPU, run here with torch on the CPU."""
+    from fbft.metrics import pro
+
+    rng = np.random.default_rng(12)
+    maps, masks = random_case(rng, shape=(30, 20), levels=40)
+    expected = evaluate(maps, masks)
+    values = rng.integers(0, 40, 500).astype(np.float32)
+    by_torch = pro.SortedScores(values.copy(), torch.device("cpu"))
+    by_numpy = pro.SortedScores(values.copy())
+    needles = np.array([-1.0, 0.0, 3.0, 3.5, 39.0, 41.0])
+    for inclusive in (True, False):
+        assert np.array_equal(
+            by_torch.count_below(needles, inclusive), by_numpy.count_below(needles, inclusive)
+        )
+    positions = np.array([0, 7, 499])
+    assert np.array_equal(by_torch.take(positions), by_numpy.take(positions))
+    acc = MetricAccumulator(device="cpu")
+    acc.device = torch.device("cpu")  # force the torch path
+    for m, g in zip(maps, masks, strict=True):
+        acc.update(m, g)
+    assert acc.compute() == pytest.approx(expected, nan_ok=True)
 
 
 def test_i_auroc_is_nan_with_a_warning_when_all_images_share_a_label():

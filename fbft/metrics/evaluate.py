@@ -52,17 +52,23 @@ class MetricAccumulator:
     """Collects maps and masks one image at a time; :meth:`compute` gives every metric.
 
     Memory: one copy of the nominal scores (sorted in place once) and the component pixels.
-    ``device``: "auto" sorts on a CUDA device when one is present, else with numpy.
+    ``pixels``: the total number of pixels to come, when known; the nominal scores then go
+    straight into one buffer of that size (no merge copy at the end).
+    ``device``: where the scores are sorted: "auto" (a CUDA device when present, else numpy on
+    the CPU), "cpu", or a torch device such as "cuda:1".
     """
 
-    def __init__(self, num_thresholds: int | None = None, device: str = "auto") -> None:
+    def __init__(
+        self, num_thresholds: int | None = None, device: str = "auto", pixels: int | None = None
+    ) -> None:
         if num_thresholds is not None and int(num_thresholds) < 2:
             raise ValueError(f"num_thresholds must be None (exact) or >= 2, got {num_thresholds}")
         self.num_thresholds = num_thresholds
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self._nominal: list[np.ndarray] = []
+        # numpy's in-place sort is the fastest on the CPU; torch sorts on a GPU
+        self.device = None if device == "cpu" else torch.device(device)
+        self._nominal = _Scores(pixels)
         self._positive: list[np.ndarray] = []
         self._component: list[np.ndarray] = []
         self._sizes: list[np.ndarray] = []
@@ -159,16 +165,8 @@ class MetricAccumulator:
 
     def _sorted_nominal(self) -> pro.SortedScores:
         if self._sorted is None:
-            dtype = np.result_type(*self._nominal, *self._positive)
-            total = sum(c.size for c in self._nominal)
-            merged = np.empty(total, dtype=dtype)
-            start = 0
-            while self._nominal:  # copy chunk by chunk, releasing each: peak = total + 1 chunk
-                chunk = self._nominal.pop(0)
-                merged[start : start + chunk.size] = chunk
-                start += chunk.size
-            self._nominal = [merged]
-            self._sorted = pro.SortedScores(merged, self.device)
+            dtype = np.result_type(self._nominal.dtype, *self._positive)
+            self._sorted = pro.SortedScores(self._nominal.merged(dtype), self.device)
         return self._sorted
 
     def _image_auroc(self) -> float:
@@ -205,7 +203,7 @@ def evaluate(
     for name, seq in (("masks", masks), ("labels", labels), ("scores", scores)):
         if seq is not None and len(seq) != len(maps):
             raise ValueError(f"got {len(maps)} maps but {len(seq)} {name}")
-    acc = MetricAccumulator(num_thresholds)
+    acc = MetricAccumulator(num_thresholds, pixels=sum(np.asarray(m).size for m in maps))
     for i, (m, g) in enumerate(zip(maps, masks, strict=True)):
         acc.update(
             m,
@@ -214,3 +212,46 @@ def evaluate(
             None if scores is None else scores[i],
         )
     return acc.compute()
+
+
+class _Scores:
+    """1-D scores appended image by image: one preallocated buffer when the total is known,
+    else chunks merged once (chunk by chunk, releasing each) when first needed."""
+
+    def __init__(self, capacity: int | None) -> None:
+        self.capacity = capacity
+        self.buffer: np.ndarray | None = None
+        self.used = 0
+        self.chunks: list[np.ndarray] = []
+
+    @property
+    def dtype(self) -> np.dtype:
+        arrays = [a for a in (self.buffer, *self.chunks) if a is not None]
+        return np.result_type(*arrays) if arrays else np.dtype(np.float64)
+
+    def append(self, values: np.ndarray) -> None:
+        if self.capacity is not None and not self.chunks:
+            if self.buffer is None:
+                self.buffer = np.empty(self.capacity, dtype=values.dtype)
+            fits = self.used + values.size <= self.buffer.size
+            if fits and np.can_cast(values.dtype, self.buffer.dtype, "safe"):
+                self.buffer[self.used : self.used + values.size] = values
+                self.used += values.size
+                return
+            self.chunks.append(self.buffer[: self.used])  # continue in chunks
+            self.buffer = None
+        self.chunks.append(values)
+
+    def merged(self, dtype: np.dtype) -> np.ndarray:
+        """All scores in one array of ``dtype`` (the buffer itself when possible)."""
+        if not self.chunks and self.buffer is not None and self.buffer.dtype == dtype:
+            return self.buffer[: self.used]
+        parts = self.chunks if self.buffer is None else [self.buffer[: self.used], *self.chunks]
+        merged = np.empty(sum(p.size for p in parts), dtype=dtype)
+        start = 0
+        while parts:
+            part = parts.pop(0)
+            merged[start : start + part.size] = part
+            start += part.size
+        self.buffer, self.used, self.chunks, self.capacity = merged, merged.size, [], merged.size
+        return merged

@@ -19,23 +19,33 @@ its score is strictly greater than the threshold, and the point (1, 1) is added.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
 
 class SortedScores:
-    """Ascending nominal scores, sorted once (in place with numpy, or on a CUDA device)."""
+    """Ascending nominal scores, sorted once: in place with numpy (``device=None``), or with
+    torch on ``device`` (a CUDA device; falls back to numpy, with a warning, when it is out of
+    memory — the result is the same)."""
 
     def __init__(self, values: np.ndarray, device: torch.device | None = None) -> None:
         self.size = int(values.size)
         self.dtype = values.dtype
-        if device is not None and device.type == "cuda":
-            self._tensor = torch.sort(torch.from_numpy(values).to(device)).values
-            self._array = None
-        else:
-            values.sort()
-            self._tensor = None
-            self._array = values
+        self._tensor: torch.Tensor | None = None
+        self._array: np.ndarray | None = None
+        if device is not None:
+            try:
+                self._tensor = torch.sort(torch.from_numpy(values).to(device)).values
+                return
+            except torch.OutOfMemoryError:
+                warnings.warn(
+                    f"sorting {self.size} scores does not fit on {device}; sorting on the CPU",
+                    stacklevel=2,
+                )
+        values.sort()
+        self._array = values
 
     def count_below(self, values: np.ndarray, inclusive: bool) -> np.ndarray:
         """For each value v: #scores < v (or <= v when ``inclusive``)."""
