@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from scipy import ndimage
 
 from fbft.metrics import Curves
 
@@ -20,8 +22,15 @@ def overlay(
     axes[0].imshow(image)
     axes[0].set_title("image")
     axes[1].imshow(image)
-    axes[1].contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
-    axes[1].set_title(f"ground truth ({int(mask.sum())} px)")
+    if mask.any():
+        axes[1].contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
+    labeled, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    for rows, cols in ndimage.find_objects(labeled)[:50]:  # boxes find the tiny defects
+        half = max(12, (rows.stop - rows.start) // 2 + 4, (cols.stop - cols.start) // 2 + 4)
+        corner = ((cols.start + cols.stop) / 2 - half, (rows.start + rows.stop) / 2 - half)
+        for ax in axes[1:]:
+            ax.add_patch(Rectangle(corner, 2 * half, 2 * half, fill=False, ec="yellow", lw=0.8))
+    axes[1].set_title(f"ground truth: {count} defect(s), {int(mask.sum())} px")
     axes[2].imshow(image)
     shown = axes[2].imshow(anomaly_map, cmap="jet", alpha=0.5)
     fig.colorbar(shown, ax=axes[2], fraction=0.046)

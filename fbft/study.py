@@ -19,6 +19,8 @@ import socket
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -338,27 +340,30 @@ def run(study: Study, args: argparse.Namespace, argv: Sequence[str]) -> int:
     cache_root = (
         Path(args.cache_dir).expanduser().resolve() if args.cache_dir else default_cache_dir()
     )
+    _check_tracking(tracking_uri)
     data, synthetic = _data_root(args, cache_root)
     cats = _categories(data, args)
     if not ray.is_initialized():
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
+        try:
+            ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
+        except (ConnectionError, RuntimeError) as err:
+            raise StudyError(
+                f"cannot connect to the Ray cluster at {args.address}: {err}"
+            ) from None
     gpus = float(ray.cluster_resources().get("GPU", 0))
     preset, reason = _preset(args.preset, gpus)
-    base = _base_config(preset, args, gpus)
+    base = _base_config(preset, args)
     banner = _banner(study, args, preset, reason, base, data, synthetic, cats, tracking_uri)
     print(banner, flush=True)
     depth = _check_inputs(study, args, base, data, cats)
 
     storage = _storage(args.storage)
     name, state = _experiment(study, args, storage)
+    script = f"studies/{study.name.replace('-', '_')}.py"
     experiment = args.experiment or f"fbft-{study.name}"
     if state is None:
         tags = {"preset": preset, "preset_reason": reason, "study": study.name, "fbft.data": data}
-        params = {
-            "command": " ".join(
-                ["python", f"studies/{study.name.replace('-', '_')}.py", *map(shlex.quote, argv)]
-            )
-        }
+        params = {"command": shlex.join(["python", script, *argv])}
         params.update(
             {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in vars(args).items()}
         )
@@ -394,7 +399,6 @@ def run(study: Study, args: argparse.Namespace, argv: Sequence[str]) -> int:
         grid = tuner.fit()
     except KeyboardInterrupt:
         grid = None
-    script = f"studies/{study.name.replace('-', '_')}.py"
     resume_cmd = shlex.join(["python", script, *_without_resume(argv), "--resume", name])
     finished = 0 if grid is None else grid.num_terminated + grid.num_errors
     if finished < progress.total:
@@ -420,10 +424,28 @@ def _data_root(args: argparse.Namespace, cache_root: Path) -> tuple[str, bool]:
     return str(_ensure_synthetic(root)), True
 
 
-def _categories(data: str, args: argparse.Namespace) -> list[str]:
-    from fbft.data import categories
+def _check_tracking(uri: str) -> None:
+    """A tracking server must answer before anything starts (MLflow retries for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
+            response.read()
+    except urllib.error.HTTPError:
+        return  # it answers (a proxy may guard /health); credentials are MLflow's business
+    except OSError as err:
+        raise StudyError(
+            f"--tracking-uri {uri}: the MLflow server does not answer ({err})"
+        ) from None
 
-    known = categories(data, args.format)
+
+def _categories(data: str, args: argparse.Namespace) -> list[str]:
+    from fbft.data import DatasetError, categories
+
+    try:
+        known = categories(data, args.format)
+    except DatasetError as err:
+        raise StudyError(str(err)) from None
     if not args.categories:
         return known
     unknown = sorted(set(args.categories) - set(known))
@@ -440,7 +462,7 @@ def _preset(requested: str, gpus: float) -> tuple[str, str]:
     return "cpu", "no GPU in the Ray cluster"
 
 
-def _base_config(preset: str, args: argparse.Namespace, gpus: float) -> FBFTConfig:
+def _base_config(preset: str, args: argparse.Namespace) -> FBFTConfig:
     changes = {
         "backbone": args.backbone,
         "backbone_kwargs": args.backbone_kwargs,
@@ -505,7 +527,7 @@ def _check_inputs(
     import timm
     import torch
 
-    from fbft.data import open_dataset
+    from fbft.data import DatasetError, open_dataset
     from fbft.teacher import check_image_size, check_layers
 
     axes = {a.name: getattr(args, a.flag.lstrip("-").replace("-", "_")) for a in study.axes}
@@ -529,7 +551,10 @@ def _check_inputs(
         raise StudyError(f"--weights {base.weights}: no such file")
     most = max(axes.get("shots", [0]) or [0])
     for cat in cats:
-        available = len(open_dataset(data, cat, "train", args.format))
+        try:
+            available = len(open_dataset(data, cat, "train", args.format))
+        except DatasetError as err:
+            raise StudyError(str(err)) from None
         if most > available:
             raise StudyError(
                 f"--shots {most}: category {cat!r} has only {available} training images"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,20 @@ def test_every_study_runs_on_tiny_settings(workdir, study, flags, trials, capsys
 def test_bad_inputs_stop_before_any_trial(workdir, flags, message, capsys):
     assert run(workdir, "few_shot", *flags, experiment="bad") == 2
     assert message in capsys.readouterr().err
+
+
+def test_unreachable_tracking_server_and_unreadable_data_are_clear_errors(workdir, capsys):
+    from fbft.study import main
+
+    study = load_study("few_shot")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert (
+        main(study, ["--data", str(workdir / "data"), "--tracking-uri", f"http://127.0.0.1:{port}"])
+        == 2
+    )
+    assert "does not answer" in capsys.readouterr().err
+    (workdir / "empty").mkdir()
+    assert main(study, ["--data", str(workdir / "empty")]) == 2
+    assert "cannot recognise the dataset layout" in capsys.readouterr().err
