@@ -10,6 +10,7 @@ few-shot subset -> teacher tokens (feature cache) -> students -> maps -> metrics
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -191,6 +192,8 @@ def run_trial(config: dict[str, Any], context: Context) -> None:
         tune.report(tracking.finished_metrics(client, run_id))
         return
     client.update_run(run_id, status="RUNNING")
+    config_params = trial_config(context.base_config, config).to_dict()
+    tracking.log_params(client, run_id, {f"config.{k}": v for k, v in config_params.items()})
     client.set_tag(run_id, "host", socket.gethostname())
     client.set_tag(run_id, "ray_node_id", ray.get_runtime_context().get_node_id())
     done = 0
@@ -236,14 +239,13 @@ def _run_category(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = FBFT(cfg)
-    params = {**{f"config.{k}": v for k, v in cfg.to_dict().items()}, "n_train": len(train)}
-    params["n_test"] = len(test)
     if not prefixed:
-        tracking.log_params(client, run_id, {**params, "category": category})
-        client.set_tag(run_id, "teacher_weights", model.teacher_weights)
-        client.set_tag(run_id, "device", str(model.device))
-        if caught:
-            client.set_tag(run_id, "warnings", " | ".join(str(w.message) for w in caught)[:5000])
+        sizes = {"category": category, "n_train": len(train), "n_test": len(test)}
+        tracking.log_params(client, run_id, sizes)
+    client.set_tag(run_id, "teacher_weights", model.teacher_weights)
+    client.set_tag(run_id, "device", str(model.device))
+    if caught:
+        client.set_tag(run_id, "warnings", " | ".join(str(w.message) for w in caught)[:5000])
     cache = FeatureCache(context.cache_dir, model) if context.cache_dir else None
     stats = CacheStats()
     tokens = teacher_tokens(model, [s.path for s in train], lambda i: train[i].image, cache, stats)
@@ -251,20 +253,45 @@ def _run_category(
     del tokens
     fit_seconds = model.timings["fit_seconds"]
 
+    with tempfile.TemporaryDirectory(prefix=f"fbft-{category}-") as tmp:
+        metrics = _evaluate(model, test, category, context, cache, stats, Path(tmp))
+        metrics.update(
+            fit_seconds=fit_seconds,
+            teacher_ms=float(np.mean(stats.teacher_ms)) if stats.teacher_ms else float("nan"),
+            teacher_passes=float(stats.passes),
+            teacher_reused=float(stats.reused),
+            final_loss=model.history[-1],
+        )
+        plots.quartile_chart(metrics, Path(tmp) / "quartiles.png")
+        model.save(Path(tmp) / "students.pt")
+        client.log_artifacts(run_id, tmp, category if prefixed else None)
+    if prefixed:
+        tracking.log_metrics(client, run_id, {f"{category}/{k}": v for k, v in metrics.items()})
+    return metrics
+
+
+def _evaluate(
+    model: Any,
+    test: Any,
+    category: str,
+    context: Context,
+    cache: FeatureCache | None,
+    stats: CacheStats,
+    out: Path,
+) -> dict[str, float]:
+    """Maps of the whole test set, streamed into the metrics; overlays and PRO curves to ``out``."""
     acc = MetricAccumulator(context.num_thresholds, pixels=sum(h * w for h, w in test.sizes()))
     anomalous = [i for i, s in enumerate(test) if s.label]
     nominal = [i for i, s in enumerate(test) if not s.label]
-    shown = set(_spread(anomalous, max(0, context.pictures - 1)) + nominal[:1][: context.pictures])
-    out = Path(tempfile.mkdtemp(prefix=f"fbft-{category}-"))
+    shown = set(_spread(anomalous, context.pictures - 1) + nominal[: min(1, context.pictures)])
     stage_ms = {"students": 0.0, "maps": 0.0}
-    step = max(1, cfg.batch_size)
+    step = max(1, model.config.batch_size)
     for start in range(0, len(test), step):
         chunk = [test[i] for i in range(start, min(start + step, len(test)))]
         toks = teacher_tokens(
             model, [s.path for s in chunk], lambda i, c=chunk: c[i].image, cache, stats
         )
-        sizes = [s.size for s in chunk]
-        maps_, scores = model.predict_tokens(toks, sizes)
+        maps_, scores = model.predict_tokens(toks, [s.size for s in chunk])
         for stage in stage_ms:
             stage_ms[stage] += model.timings[f"{stage}_ms"] * len(chunk)
         for offset, (sample, amap, score) in enumerate(zip(chunk, maps_, scores, strict=True)):
@@ -276,22 +303,9 @@ def _run_category(
                     sample.image, mask, amap, out / f"map_{start + offset:04d}.png", title
                 )
     metrics = acc.compute()
-    metrics.update(
-        fit_seconds=fit_seconds,
-        teacher_ms=float(np.mean(stats.teacher_ms)) if stats.teacher_ms else float("nan"),
-        students_ms=stage_ms["students"] / max(1, len(test)),
-        maps_ms=stage_ms["maps"] / max(1, len(test)),
-        teacher_passes=float(stats.passes),
-        teacher_reused=float(stats.reused),
-        final_loss=model.history[-1],
-    )
     plots.pro_curves(acc.curves, out / "pro_curve.png")
-    plots.quartile_chart(metrics, out / "quartiles.png")
-    model.save(out / "students.pt")
-    artifact_dir = category if prefixed else None
-    client.log_artifacts(run_id, str(out), artifact_dir)
-    if prefixed:
-        tracking.log_metrics(client, run_id, {f"{category}/{k}": v for k, v in metrics.items()})
+    metrics["students_ms"] = stage_ms["students"] / max(1, len(test))
+    metrics["maps_ms"] = stage_ms["maps"] / max(1, len(test))
     return metrics
 
 
@@ -738,24 +752,26 @@ def _summarise(study, args, grid, state, path, started, resume_cmd) -> int:
     keys = [a.name for a in study.axes] if study.search is None else []
     table = _table(study, rows, keys, args)
     wall = time.time() - started
-    out = Path(tempfile.mkdtemp(prefix="fbft-summary-"))
-    (out / "summary.md").write_text(f"# {study.title}\n\n{table}\n")
-    _write_csv(out / "trials.csv", rows)
     client = MlflowClient(state["tracking_uri"])
     parent = state["parent_run_id"]
-    if study.search is None and rows:
-        means = _means(rows, keys, list(study.columns))
-        if len(means) > 1:
-            setting = keys[0] if len(keys) == 1 else "setting"
-            for m in means:
-                m["setting"] = " ".join(str(m[k]) for k in keys)
-            plots.summary(means, setting, study.columns, out / "summary.png")
-    client.log_artifacts(parent, str(out))
-    tracking.log_metrics(
-        client,
-        parent,
-        {"wall_seconds": wall, "trials_done": len(rows), "trials_failed": len(failures)},
-    )
+    with contextlib.ExitStack() as stack:
+        if "://" in path:  # remote storage: the summary goes to MLflow only
+            out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fbft-summary-")))
+        else:
+            out = Path(path) / "summary"
+            out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.md").write_text(f"# {study.title}\n\n{table}\n")
+        _write_csv(out / "trials.csv", rows)
+        if study.search is None and rows:
+            means = _means(rows, keys, list(study.columns))
+            if len(means) > 1:
+                setting = keys[0] if len(keys) == 1 else "setting"
+                for m in means:
+                    m["setting"] = " ".join(str(m[k]) for k in keys)
+                plots.summary(means, setting, study.columns, out / "summary.png")
+        client.log_artifacts(parent, str(out))
+    counts = {"wall_seconds": wall, "trials_done": len(rows), "trials_failed": len(failures)}
+    tracking.log_metrics(client, parent, counts)
     client.set_terminated(parent, "FAILED" if failures and not rows else "FINISHED")
     print(f"\n{study.title}\n\n{table}")
     if failures:
@@ -763,7 +779,8 @@ def _summarise(study, args, grid, state, path, started, resume_cmd) -> int:
         for config, error in failures:
             print(f"  {config}: {error}")
         print(f"re-run the failed trials with: {resume_cmd}")
-    print(f"\nwall time {_duration(wall)} · results in {path}")
+    where = path if "://" in path else f"{path} (table: {path}/summary/summary.md)"
+    print(f"\nwall time {_duration(wall)} · results in {where}")
     experiment = args.experiment or f"fbft-{study.name}"
     print(f"MLflow: {tracking.ui_command(state['tracking_uri'])}")
     print(f"        experiment '{experiment}', parent run '{state['name']}'")

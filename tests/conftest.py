@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATASETS = Path(os.environ.get(
-    "FBFT_SHARED_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"
-))
+SHARED_DATASETS = Path(
+    os.environ.get(
+        "FBFT_SHARED_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"
+    )
+)
 
 
 def _require(path: Path) -> Path:

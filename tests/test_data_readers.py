@@ -71,7 +71,11 @@ def test_grid_counts_and_order(mvtec_root: Path) -> None:
     assert len(train) == 25
     assert Counter(s.defect_type for s in test) == GRID_TEST
     assert (train.root, train.category, train.split, train.format) == (
-        mvtec_root, "grid", "train", "mvtec")
+        mvtec_root,
+        "grid",
+        "train",
+        "mvtec",
+    )
     keys = [(Path(s.path).parent.name, Path(s.path).name) for s in test]
     assert keys == sorted(keys)
     assert [s.path for s in open_dataset(mvtec_root, "grid", "test")] == [s.path for s in test]
@@ -92,8 +96,13 @@ def test_grid_pixels_and_masks(mvtec_root: Path) -> None:
 
 
 def test_samples_are_lazy_and_datasets_slice(mvtec_root: Path) -> None:
-    assert {f.name for f in fields(Sample)} == {"path", "label", "defect_type", "category",
-                                                "mask_path"}
+    assert {f.name for f in fields(Sample)} == {
+        "path",
+        "label",
+        "defect_type",
+        "category",
+        "mask_path",
+    }
     test = open_dataset(mvtec_root, "grid", "test")
     sample = test[0]
     assert sample.image is not sample.image  # decoded on every access, never kept
@@ -119,8 +128,9 @@ def _visa_tree(root: Path, rows: list[dict[str, str]]) -> None:
     rng = np.random.default_rng(0)
     (root / "split_csv").mkdir(parents=True)
     with (root / "split_csv" / "1cls.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, ["object", "split", "label", "image", "mask"],
-                                lineterminator="\r\n")
+        writer = csv.DictWriter(
+            f, ["object", "split", "label", "image", "mask"], lineterminator="\r\n"
+        )
         writer.writeheader()
         writer.writerows(rows)
     for i, row in enumerate(rows):
@@ -155,8 +165,9 @@ def test_visa_counts_match_csv(visa_root: Path, visa_rows: list[dict[str, str]])
     for obj in VISA_OBJECTS:
         for split in ("train", "test"):
             data = open_dataset(visa_root, obj, split)
-            expected = Counter(r["label"] for r in visa_rows
-                               if r["object"] == obj and r["split"] == split)
+            expected = Counter(
+                r["label"] for r in visa_rows if r["object"] == obj and r["split"] == split
+            )
             assert data.format == "visa" and len(data) == sum(expected.values())
             named = Counter({"normal": "good", "anomaly": "bad"}[k] for k in expected.elements())
             assert Counter(s.defect_type for s in data) == named

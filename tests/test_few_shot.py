@@ -12,8 +12,9 @@ from fbft.data import Dataset, Sample, few_shot, open_dataset
 
 def _dataset(n: int = 60) -> Dataset:
     """A dataset of `n` nominal samples whose files are never read."""
-    samples = tuple(Sample(f"/nowhere/widget/train/good/{i:03d}.png", 0, "good", "widget")
-                    for i in range(n))
+    samples = tuple(
+        Sample(f"/nowhere/widget/train/good/{i:03d}.png", 0, "good", "widget") for i in range(n)
+    )
     return Dataset(Path("/nowhere"), "widget", "train", "mvtec", samples)
 
 
@@ -47,7 +48,11 @@ def test_subset_keeps_dataset_metadata() -> None:
     subset = few_shot(data, np.int64(4), seed=1)
     assert isinstance(subset, Dataset) and len(subset) == 4
     assert (subset.root, subset.category, subset.split, subset.format) == (
-        data.root, "widget", "train", "mvtec")
+        data.root,
+        "widget",
+        "train",
+        "mvtec",
+    )
     assert len(few_shot(subset, 2, seed=0)) == 2
     assert len(few_shot(data, len(data), seed=0)) == len(data)
 

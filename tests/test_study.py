@@ -92,6 +92,8 @@ def test_few_shot_study_logs_one_parent_and_a_child_per_trial(workdir, capsys):
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"pro_curve.png", "quartiles.png", "students.pt"} <= names
         assert any(n.startswith("map_") for n in names)
+    summaries = list((workdir / "ray_results").glob("few-shot-*/summary/summary.md"))
+    assert len(summaries) == 1 and "| shots |" in summaries[0].read_text()
     # one teacher pass per distinct image in the whole study: 3 train (2 ⊂ 3) + 6 test per category
     assert sum(c.data.metrics["teacher_passes"] for c in children) == 2 * (3 + 6)
 
@@ -141,6 +143,7 @@ def test_every_study_runs_on_tiny_settings(workdir, study, flags, trials, capsys
     assert len(parents) == 1 and len(children) == trials
     if study == "search":  # both categories per trial (unless ASHA stopped it after the first)
         assert all("gravel/aupro_5" in c.data.metrics for c in children)
+        assert all({"config.lr", "config.layers"} <= set(c.data.params) for c in children)
         for child in children:
             stopped = "stopped_early" in child.data.tags
             assert child.info.status == ("KILLED" if stopped else "FINISHED")

@@ -20,8 +20,11 @@ PARAMS = {"image_size": SIZE, "n_train": 3, "n_test": 12, "seed": 0}
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +58,10 @@ def test_manifest(synth_root: Path, manifest: dict) -> None:
     assert manifest["parameters"] == {"categories": sorted(synth.CATEGORIES), **PARAMS}
     assert manifest["categories"] == sorted(synth.CATEGORIES)
     assert set(manifest["sources"]) == {"brick", "grass", "gravel"}
-    assert all("CC0" in s["licence"] and s["source"].startswith("skimage.data.")
-               for s in manifest["sources"].values())
+    assert all(
+        "CC0" in s["licence"] and s["source"].startswith("skimage.data.")
+        for s in manifest["sources"].values()
+    )
     by_image = defaultdict(list)
     for defect in manifest["defects"]:
         assert defect["kind"] in synth.KINDS and f"/test/{defect['kind']}/" in defect["image"]
@@ -93,8 +98,9 @@ def test_mask_is_exactly_the_changed_pixels(category: str) -> None:
         for areas in ((1,), (3, 40, 400)):
             key = [5, synth.KINDS.index(kind), len(areas)]
             nominal, empty, _ = synth.render(category, SIZE, np.random.default_rng(key))
-            image, mask, records = synth.render(category, SIZE, np.random.default_rng(key),
-                                                tuple((kind, a) for a in areas))
+            image, mask, records = synth.render(
+                category, SIZE, np.random.default_rng(key), tuple((kind, a) for a in areas)
+            )
             assert not empty.any()
             changed = image != nominal
             assert (changed.any(axis=-1) == mask).all()
@@ -157,8 +163,20 @@ def test_argument_checks(tmp_path: Path) -> None:
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["synth", str(tmp_path / "cli"), "--categories", "grass", "--image-size", "64",
-            "--n-train", "2", "--n-test", "3", "--seed", "7"]
+    argv = [
+        "synth",
+        str(tmp_path / "cli"),
+        "--categories",
+        "grass",
+        "--image-size",
+        "64",
+        "--n-train",
+        "2",
+        "--n-test",
+        "3",
+        "--seed",
+        "7",
+    ]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "cli")
     assert len(open_dataset(tmp_path / "cli", "grass", "test")) == 3
@@ -176,6 +194,9 @@ def test_downsampling_loss_on_hand_made_masks() -> None:
     assert downsampling_loss([first, second]) == pytest.approx(2 / 4)
     assert downsampling_loss([first], size=1024) == 0.0
     assert np.isnan(downsampling_loss([np.zeros((8, 8), bool)]))
-    rows = np.asarray(Image.fromarray(np.arange(1024, dtype=np.int32)[:, None].repeat(4, 1))
-                      .resize((4, 224), Image.Resampling.NEAREST))[:, 0]
+    rows = np.asarray(
+        Image.fromarray(np.arange(1024, dtype=np.int32)[:, None].repeat(4, 1)).resize(
+            (4, 224), Image.Resampling.NEAREST
+        )
+    )[:, 0]
     assert 0 not in rows and 2 in rows and 602 not in rows and 603 not in rows

@@ -67,9 +67,11 @@ def _check_root(root: str | os.PathLike[str]) -> Path:
 def _guess(cat_dir: Path) -> tuple[str | None, str]:
     """The folder format one category suggests ("either" when it has no defect images)."""
     gt_dir = cat_dir / "ground_truth"
-    masks = [
-        p for d in sorted(gt_dir.iterdir()) if d.is_dir() for p in list_images(d)
-    ] if gt_dir.is_dir() else []
+    masks = (
+        [p for d in sorted(gt_dir.iterdir()) if d.is_dir() for p in list_images(d)]
+        if gt_dir.is_dir()
+        else []
+    )
     if any(p.stem.endswith(mvtec.MASK_SUFFIX) for p in masks):
         return "mvtec", "masks named <stem>_mask in ground_truth/<defect>/"
     if masks and all(p.parent.name == visa.ANOMALY for p in masks):
@@ -77,9 +79,11 @@ def _guess(cat_dir: Path) -> tuple[str | None, str]:
     if masks:
         return None, f"masks without the _mask suffix outside ground_truth/bad/ (e.g. {masks[0]})"
     test_dir = cat_dir / "test"
-    defects = sorted(
-        d.name for d in test_dir.iterdir() if d.is_dir() and d.name != NOMINAL
-    ) if test_dir.is_dir() else []
+    defects = (
+        sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name != NOMINAL)
+        if test_dir.is_dir()
+        else []
+    )
     if not defects:
         return "either", "no defect images"
     if defects == [visa.ANOMALY]:
@@ -101,7 +105,8 @@ def detect_format(root: str | os.PathLike[str]) -> str:
     if not cats:
         hint = (
             f" It looks like one category folder; pass its parent {path.parent} instead."
-            if (path / "train" / NOMINAL).is_dir() or (path / "test").is_dir() else ""
+            if (path / "train" / NOMINAL).is_dir() or (path / "test").is_dir()
+            else ""
         )
         raise DatasetFormatError(
             f"cannot recognise the dataset layout of {path}: found neither split_csv/1cls.csv nor "

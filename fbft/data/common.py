@@ -186,8 +186,11 @@ def check_split(split: str) -> None:
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside `folder` (any case of a known extension), sorted by name."""
     return sorted(
-        (p for p in folder.iterdir()
-         if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()),
+        (
+            p
+            for p in folder.iterdir()
+            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+        ),
         key=lambda p: p.name,
     )
 
@@ -195,7 +198,8 @@ def list_images(folder: Path) -> list[Path]:
 def category_folders(root: Path) -> list[str]:
     """Sub-folders of `root` that look like categories (they hold `train/good` or `test`)."""
     return sorted(
-        p.name for p in root.iterdir()
+        p.name
+        for p in root.iterdir()
         if p.is_dir() and ((p / "train" / NOMINAL).is_dir() or (p / "test").is_dir())
     )
 
@@ -227,8 +231,13 @@ def read_folder_dataset(
             raise DatasetNotFoundError(
                 f"no training images: {folder} does not exist (expected nominal images there)"
             )
-        return Dataset(root, category, split, format,
-                       tuple(Sample(str(p), 0, NOMINAL, category) for p in list_images(folder)))
+        return Dataset(
+            root,
+            category,
+            split,
+            format,
+            tuple(Sample(str(p), 0, NOMINAL, category) for p in list_images(folder)),
+        )
     test_dir = cat_dir / "test"
     if not test_dir.is_dir():
         raise DatasetNotFoundError(f"no test images: {test_dir} does not exist")

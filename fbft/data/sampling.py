@@ -21,8 +21,6 @@ def few_shot(dataset: Dataset, shots: int, seed: int) -> Dataset:
     if shots <= 0:
         raise ValueError(f"shots must be a positive number of images, got {shots} (for {where})")
     if shots > len(dataset):
-        raise ValueError(
-            f"cannot draw {shots} shots: {where} has only {len(dataset)} images"
-        )
+        raise ValueError(f"cannot draw {shots} shots: {where} has only {len(dataset)} images")
     order = np.random.default_rng(seed).permutation(len(dataset))[:shots]
     return dataset.subset(order.tolist())

@@ -48,7 +48,7 @@ TEXTURES: dict[str, dict[str, Any]] = {
     "grass": {
         "source": "skimage.data.grass()",
         "origin": "DeviantArt 'Grass-01' by linolafett "
-                  "(https://www.deviantart.com/linolafett/art/Grass-01-434853879)",
+        "(https://www.deviantart.com/linolafett/art/Grass-01-434853879)",
         "licence": "CC0 1.0",
         "tint": (0.62, 0.85, 0.45),
     },
@@ -107,12 +107,19 @@ def _texture(name: str, size: int, rng: np.random.Generator, shape: tuple[int, i
         tex = ndimage.gaussian_filter(tex, 0.5 * step)
     angle = rng.uniform(0, 2 * math.pi)
     flip = rng.choice((-1.0, 1.0))
-    matrix = step * np.array([[math.cos(angle), -math.sin(angle) * flip],
-                              [math.sin(angle), math.cos(angle) * flip]])
+    matrix = step * np.array(
+        [[math.cos(angle), -math.sin(angle) * flip], [math.sin(angle), math.cos(angle) * flip]]
+    )
     centre_out = (np.array(shape) - 1) / 2
     centre_in = rng.uniform(0, 2 * tex.shape[0], 2)
-    grey = ndimage.affine_transform(tex, matrix, offset=centre_in - matrix @ centre_out,
-                                    output_shape=shape, order=1, mode="mirror")
+    grey = ndimage.affine_transform(
+        tex,
+        matrix,
+        offset=centre_in - matrix @ centre_out,
+        output_shape=shape,
+        order=1,
+        mode="mirror",
+    )
     grey = (grey - 0.5) * rng.uniform(0.85, 1.15) + 0.5 + rng.uniform(-0.06, 0.06)
     tint = np.asarray(TEXTURES[name]["tint"], np.float32) * (1 + rng.normal(0, 0.03, 3))
     return (grey * _illumination(shape, rng, 0.12))[..., None] * (tint * 255).astype(np.float32)
@@ -129,8 +136,7 @@ def _illumination(shape: tuple[int, int], rng: np.random.Generator, strength: fl
 def _sdf_box(u: np.ndarray, v: np.ndarray, a: float, b: float, r: float) -> np.ndarray:
     """Signed distance to a rectangle of half sizes (a, b) with corner radius r."""
     qx, qy = np.abs(u) - a + r, np.abs(v) - b + r
-    return (np.hypot(np.maximum(qx, 0), np.maximum(qy, 0))
-            + np.minimum(np.maximum(qx, qy), 0) - r)
+    return np.hypot(np.maximum(qx, 0), np.maximum(qy, 0)) + np.minimum(np.maximum(qx, qy), 0) - r
 
 
 def _part(kind: str, s: float, rng: np.random.Generator) -> tuple[float, Any]:
@@ -207,8 +213,9 @@ def _parts(
         angle = rng.uniform(0, 2 * math.pi)
         c, si = math.cos(angle), math.sin(angle)
         sdf, shade = shape(c * xs + si * ys, -si * xs + c * ys)
-        shadow_sdf, _ = shape(c * (xs - shadow) + si * (ys - shadow),
-                              -si * (xs - shadow) + c * (ys - shadow))
+        shadow_sdf, _ = shape(
+            c * (xs - shadow) + si * (ys - shadow), -si * (xs - shadow) + c * (ys - shadow)
+        )
         bevel = _BEVEL * s
         shade = shade * (1 - 0.25 * np.clip((sdf + bevel) / bevel, 0, 1))
         alpha = np.clip(0.5 - sdf, 0, 1)[..., None]
@@ -239,7 +246,7 @@ def _crop(mask: np.ndarray) -> np.ndarray:
     if n > 1:
         mask = labels == 1 + int(np.argmax(ndimage.sum_labels(mask, labels, range(1, n + 1))))
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    return mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    return mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
 def _grown(area: int, rng: np.random.Generator) -> np.ndarray:
@@ -268,13 +275,14 @@ def _blob(area: int, rng: np.random.Generator) -> np.ndarray:
     stretch = rng.uniform(0.6, 1.6)
     r0 = math.sqrt(area / math.pi / (1 + float(np.sum(amps**2)) / 2))
     reach = math.ceil(r0 * (1 + amps.sum()) * max(stretch, 1 / stretch)) + 1
-    ys, xs = np.mgrid[-reach:reach + 1, -reach:reach + 1].astype(np.float32)
+    ys, xs = np.mgrid[-reach : reach + 1, -reach : reach + 1].astype(np.float32)
     angle = rng.uniform(0, math.pi)
     u = (math.cos(angle) * xs + math.sin(angle) * ys) / stretch
     v = (-math.sin(angle) * xs + math.cos(angle) * ys) * stretch
     theta = np.arctan2(v, u)
-    radius = r0 * (1 + sum(a * np.cos(k * theta + p)
-                           for k, a, p in zip((2, 3, 4), amps, phases, strict=True)))
+    radius = r0 * (
+        1 + sum(a * np.cos(k * theta + p) for k, a, p in zip((2, 3, 4), amps, phases, strict=True))
+    )
     return _crop(np.hypot(u, v) <= radius)
 
 
@@ -300,8 +308,11 @@ def _scratch(area: int, rng: np.random.Generator, max_length: float) -> np.ndarr
     width = max(int(rng.integers(1, 4)), math.ceil(area / max_length))
     length = area / width
     t = np.arange(0, length, 0.7)
-    heading = (rng.uniform(0, 2 * math.pi) + rng.uniform(-1.5, 1.5) * t / length
-               + rng.uniform(0, 0.4) * np.sin(rng.uniform(2, 6) * math.pi * t / length))
+    heading = (
+        rng.uniform(0, 2 * math.pi)
+        + rng.uniform(-1.5, 1.5) * t / length
+        + rng.uniform(0, 0.4) * np.sin(rng.uniform(2, 6) * math.pi * t / length)
+    )
     ys = np.rint(np.cumsum(0.7 * np.sin(heading))).astype(int)
     xs = np.rint(np.cumsum(0.7 * np.cos(heading))).astype(int)
     mask = np.zeros((np.ptp(ys) + 1 + 2 * width, np.ptp(xs) + 1 + 2 * width), bool)
@@ -322,8 +333,13 @@ def _max_area(kind: str, size: int) -> float:
 # ----------------------------------------------------------------------------- defect painting
 
 
-def _place(shape: tuple[int, int], size: int, taken: list[tuple[int, int, int, int]],
-           anchors: list[tuple[float, float, float]], rng: np.random.Generator) -> tuple[int, int]:
+def _place(
+    shape: tuple[int, int],
+    size: int,
+    taken: list[tuple[int, int, int, int]],
+    anchors: list[tuple[float, float, float]],
+    rng: np.random.Generator,
+) -> tuple[int, int]:
     """Top-left corner of a defect box away from earlier defects (on a part if there are any)."""
     h, w = shape
     for attempt in range(100):
@@ -334,14 +350,22 @@ def _place(shape: tuple[int, int], size: int, taken: list[tuple[int, int, int, i
             x = int(np.clip(cx + dx - w / 2, 0, size - w))
         else:
             y, x = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
-        if all(y + h + _GAP <= ty0 or ty1 + _GAP <= y or x + w + _GAP <= tx0 or tx1 + _GAP <= x
-               for ty0, tx0, ty1, tx1 in taken):
+        if all(
+            y + h + _GAP <= ty0 or ty1 + _GAP <= y or x + w + _GAP <= tx0 or tx1 + _GAP <= x
+            for ty0, tx0, ty1, tx1 in taken
+        ):
             break
     return y, x
 
 
-def _paint(kind: str, img: np.ndarray, box: tuple[slice, slice], shape: np.ndarray,
-           category: str, rng: np.random.Generator) -> np.ndarray:
+def _paint(
+    kind: str,
+    img: np.ndarray,
+    box: tuple[slice, slice],
+    shape: np.ndarray,
+    category: str,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """New float values (N x 3) for the pixels of `shape` inside `box` of `img`."""
     current = img[box][shape].astype(np.float32)
     if kind == "color_spot":
@@ -360,14 +384,20 @@ def _paint(kind: str, img: np.ndarray, box: tuple[slice, slice], shape: np.ndarr
     pad = math.ceil(3 * sigma)
     ys, xs = box
     y0, x0 = max(ys.start - pad, 0), max(xs.start - pad, 0)
-    around = img[y0:ys.stop + pad, x0:xs.stop + pad].astype(np.float32)
+    around = img[y0 : ys.stop + pad, x0 : xs.stop + pad].astype(np.float32)
     blurred = ndimage.gaussian_filter(around, (sigma, sigma, 0))
-    inner = blurred[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+    inner = blurred[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
     return inner[shape] * rng.uniform(0.75, 0.9)
 
 
-def _commit(img: np.ndarray, nominal: np.ndarray, box: tuple[slice, slice], shape: np.ndarray,
-            new: np.ndarray, min_change: int) -> None:
+def _commit(
+    img: np.ndarray,
+    nominal: np.ndarray,
+    box: tuple[slice, slice],
+    shape: np.ndarray,
+    new: np.ndarray,
+    min_change: int,
+) -> None:
     """Write `new` into the `shape` pixels, each differing from the nominal one by >= min_change."""
     old = nominal[box][shape].astype(np.int16)
     new = np.clip(np.rint(new), 0, 255).astype(np.int16)
@@ -379,8 +409,9 @@ def _commit(img: np.ndarray, nominal: np.ndarray, box: tuple[slice, slice], shap
     crop[shape] = new.astype(np.uint8)
 
 
-def render(category: str, size: int, rng: np.random.Generator,
-           defects: tuple[tuple[str, int], ...] = ()) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def render(
+    category: str, size: int, rng: np.random.Generator, defects: tuple[tuple[str, int], ...] = ()
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """One image of `category` with `defects` ((kind, target area) pairs).
 
     Returns the image, its mask (exactly the pixels that differ from the defect-free image) and
@@ -392,13 +423,17 @@ def render(category: str, size: int, rng: np.random.Generator,
     taken: list[tuple[int, int, int, int]] = []
     records = []
     for kind, area in defects:
-        shape = (_scratch(area, rng, _SCRATCH_LENGTH * size) if kind == "scratch"
-                 else _SHAPES[kind](area, rng))
+        shape = (
+            _scratch(area, rng, _SCRATCH_LENGTH * size)
+            if kind == "scratch"
+            else _SHAPES[kind](area, rng)
+        )
         y, x = _place(shape.shape, size, taken, anchors, rng)
         h, w = shape.shape
         box = (slice(y, y + h), slice(x, x + w))
-        _commit(img, nominal, box, shape, _paint(kind, img, box, shape, category, rng),
-                MIN_CHANGE[kind])
+        _commit(
+            img, nominal, box, shape, _paint(kind, img, box, shape, category, rng), MIN_CHANGE[kind]
+        )
         mask[box] |= shape
         taken.append((y, x, y + h, x + w))
         records.append({"kind": kind, "area": int(shape.sum()), "bbox": [x, y, x + w, y + h]})
@@ -427,15 +462,25 @@ def _plan(category: str, size: int, n_train: int, n_test: int, seed: int) -> lis
         chosen = fits[0] if fits else free[0]
         free.remove(chosen)
         areas[chosen] = max(1, round(min(value, _max_area(kinds[owners[chosen]], size))))
-    tasks = [_Task(category, f"{category}/train/good/{i:03d}.png", (seed, code, 0, i))
-             for i in range(n_train)]
-    tasks += [_Task(category, f"{category}/test/good/{i:03d}.png", (seed, code, 1, i))
-              for i in range(n_good)]
+    tasks = [
+        _Task(category, f"{category}/train/good/{i:03d}.png", (seed, code, 0, i))
+        for i in range(n_train)
+    ]
+    tasks += [
+        _Task(category, f"{category}/test/good/{i:03d}.png", (seed, code, 1, i))
+        for i in range(n_good)
+    ]
     per_kind = dict.fromkeys(KINDS, 0)
     for j, kind in enumerate(kinds):
         defects = tuple((kind, areas[d]) for d, owner in enumerate(owners) if owner == j)
-        tasks.append(_Task(category, f"{category}/test/{kind}/{per_kind[kind]:03d}.png",
-                           (seed, code, 1, n_good + j), defects))
+        tasks.append(
+            _Task(
+                category,
+                f"{category}/test/{kind}/{per_kind[kind]:03d}.png",
+                (seed, code, 1, n_good + j),
+                defects,
+            )
+        )
         per_kind[kind] += 1
     return tasks
 
@@ -516,22 +561,29 @@ def generate(
             f"n_test={n_test}, seed={seed}"
         )
     root = Path(root).expanduser()
-    params = {"categories": chosen, "image_size": int(image_size), "n_train": int(n_train),
-              "n_test": int(n_test), "seed": int(seed)}
+    params = {
+        "categories": chosen,
+        "image_size": int(image_size),
+        "n_train": int(n_train),
+        "n_test": int(n_test),
+        "seed": int(seed),
+    }
     if _reusable(root, params):
         logger.info("reusing the synthetic dataset in %s (same parameters)", root)
         return root
     tasks = [t for c in chosen for t in _plan(c, image_size, n_train, n_test, seed)]
-    logger.info("generating %d synthetic images of %dx%d into %s", len(tasks), image_size,
-                image_size, root)
+    logger.info(
+        "generating %d synthetic images of %dx%d into %s", len(tasks), image_size, image_size, root
+    )
     started = time.perf_counter()
     root.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
         partial.chmod(0o755)
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            defects = [r for rs in pool.map(lambda t: _write(t, partial, image_size), tasks)
-                       for r in rs]
+            defects = [
+                r for rs in pool.map(lambda t: _write(t, partial, image_size), tasks) for r in rs
+            ]
         manifest = {
             "generator": GENERATOR,
             "version": VERSION,
@@ -539,9 +591,12 @@ def generate(
             "categories": chosen,
             "defect_kinds": list(KINDS),
             "licence": "Generated by fbft; free of third-party rights except the CC0 texture "
-                       "sources listed under 'sources'.",
-            "sources": {c: {k: v for k, v in TEXTURES[c].items() if k != "tint"}
-                        for c in chosen if c in TEXTURES},
+            "sources listed under 'sources'.",
+            "sources": {
+                c: {k: v for k, v in TEXTURES[c].items() if k != "tint"}
+                for c in chosen
+                if c in TEXTURES
+            },
             "bbox_format": BBOX_FORMAT,
             "images": {"train": len(chosen) * n_train, "test": len(chosen) * n_test},
             "defects": defects,
@@ -567,8 +622,9 @@ def generate(
 def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        path = generate(args.root, args.categories, args.image_size, args.n_train, args.n_test,
-                        args.seed)
+        path = generate(
+            args.root, args.categories, args.image_size, args.n_train, args.n_test, args.seed
+        )
     except (DatasetError, ValueError) as err:
         logger.error("fbft synth: error: %s", err)
         return 2
@@ -579,18 +635,28 @@ def _run(args: argparse.Namespace) -> int:
 def add_synth_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `fbft synth ROOT [--categories ...] [--image-size N] ...`."""
     parser = subparsers.add_parser(
-        "synth", help="generate the synthetic tiny-defect benchmark (MVTec AD layout)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "synth",
+        help="generate the synthetic tiny-defect benchmark (MVTec AD layout)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("root", type=Path,
-                        help="folder to create (reused if it holds the same set)")
-    parser.add_argument("--categories", nargs="+", choices=CATEGORIES, default=None,
-                        help="categories to generate (default: all)")
-    parser.add_argument("--image-size", type=int, default=1024,
-                        help="side in pixels (default 1024)")
+    parser.add_argument(
+        "root", type=Path, help="folder to create (reused if it holds the same set)"
+    )
+    parser.add_argument(
+        "--categories",
+        nargs="+",
+        choices=CATEGORIES,
+        default=None,
+        help="categories to generate (default: all)",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=1024, help="side in pixels (default 1024)"
+    )
     parser.add_argument("--n-train", type=int, default=60, help="training images per category")
-    parser.add_argument("--n-test", type=int, default=24,
-                        help="test images per category, a third of them nominal")
+    parser.add_argument(
+        "--n-test", type=int, default=24, help="test images per category, a third of them nominal"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.set_defaults(func=_run)
     return parser

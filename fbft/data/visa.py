@@ -76,8 +76,11 @@ def read(root: Path, category: str, split: str) -> Dataset:
             samples.append(Sample(str(image), 0, NOMINAL, category))
             continue
         stem = PurePosixPath(row["image"]).stem
-        expected = (root / row["mask"] if row["mask"]
-                    else root / category / "Data" / "Masks" / "Anomaly" / f"{stem}.png")
+        expected = (
+            root / row["mask"]
+            if row["mask"]
+            else root / category / "Data" / "Masks" / "Anomaly" / f"{stem}.png"
+        )
         if not expected.is_file():
             raise MissingMaskError(
                 f"defect image {image} has no mask; expected {expected} (from {root / SPLIT_CSV})"
