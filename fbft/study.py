@@ -280,7 +280,8 @@ def _evaluate(
     out: Path,
 ) -> dict[str, float]:
     """Maps of the whole test set, streamed into the metrics; overlays and PRO curves to ``out``."""
-    acc = MetricAccumulator(context.num_thresholds, pixels=sum(h * w for h, w in test.sizes()))
+    sizes = test.sizes()  # file headers only, read once
+    acc = MetricAccumulator(context.num_thresholds, pixels=sum(h * w for h, w in sizes))
     anomalous = [i for i, s in enumerate(test) if s.label]
     nominal = [i for i, s in enumerate(test) if not s.label]
     shown = set(_spread(anomalous, context.pictures - 1) + nominal[: min(1, context.pictures)])
@@ -291,7 +292,7 @@ def _evaluate(
         toks = teacher_tokens(
             model, [s.path for s in chunk], lambda i, c=chunk: c[i].image, cache, stats
         )
-        maps_, scores = model.predict_tokens(toks, [s.size for s in chunk])
+        maps_, scores = model.predict_tokens(toks, sizes[start : start + len(chunk)])
         for stage in stage_ms:
             stage_ms[stage] += model.timings[f"{stage}_ms"] * len(chunk)
         for offset, (sample, amap, score) in enumerate(zip(chunk, maps_, scores, strict=True)):

@@ -142,15 +142,12 @@ class MetricAccumulator:
         weights = np.vstack(
             [per_component[:, component], np.full((1, scores.size), 1.0 / scores.size)]
         )
-        x, y = pro.exact_curves(nominal, scores, weights)
-        result = {"p_auroc": float(pro.area(x, y[4:], 1.0)[0])}
-        self.curves = Curves(x, dict(zip(QUARTILES, y[:4], strict=True)), x, y[4])
-        if mode is not None:
-            x, y4 = pro.official_curves(nominal, scores, component, sizes, subsets, int(mode))
-            self.curves = Curves(
-                x, dict(zip(QUARTILES, y4, strict=True)), self.curves.roc_fpr, self.curves.roc_tpr
-            )
-            y = y4
+        roc_x, y = pro.exact_curves(nominal, scores, weights)
+        roc_y, x = y[4], roc_x
+        result = {"p_auroc": float(pro.area(roc_x, y[4:], 1.0)[0])}
+        if mode is not None:  # the official PRO curve replaces the exact one
+            x, y = pro.official_curves(nominal, scores, component, sizes, subsets, int(mode))
+        self.curves = Curves(x, dict(zip(QUARTILES, y[:4], strict=True)), roc_x, roc_y)
         aupro = {lim: pro.area(x, y[:4], limit) / limit for lim, limit in LIMITS.items()}
         result["i_auroc"] = self._image_auroc()
         for lim in LIMITS:
