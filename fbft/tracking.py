@@ -1,26 +1,35 @@
-"""MLflow tracking: one experiment per study, a parent run per invocation, a child run per trial.
+"""MLflow tracking: one experiment per study, a parent run per invocation, child runs per trial.
 
-The default store is a local SQLite file (``sqlite:///mlflow.db`` in the working directory). URIs
-are made absolute before Ray starts, because Ray Tune runs each trial in its own working
-directory. Child runs are keyed by the Tune trial id, so a retried or resumed trial reuses its run
-instead of adding a duplicate.
+The default store is a local SQLite file (``sqlite:///mlflow.db`` in the working directory) with
+its artifacts beside it (``mlartifacts/``). URIs are made absolute before Ray starts, because
+Ray Tune runs each trial in its own working directory. Child runs are keyed by the Tune trial id
+(and the variant), so a retried or resumed trial reuses its run instead of adding a duplicate.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 TRIAL_TAG = "fbft.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"  # a run's description on its Overview page
+KIND_TAG = "mlflow.experimentKind"  # MLflow 3: open the experiment in its model-training view
+
+
+class TrackingError(Exception):
+    """The tracking store cannot be used (named, with what to do)."""
 
 
 def resolve_tracking_uri(uri: str | None, cwd: str | os.PathLike[str] | None = None) -> str:
@@ -38,38 +47,119 @@ def resolve_tracking_uri(uri: str | None, cwd: str | os.PathLike[str] | None = N
     return uri
 
 
+def redact(uri: str) -> str:
+    """A URI safe to print and store: no ``user:password@`` and no token-like query values."""
+    uri = re.sub(r"(://)[^/@\s]+@", r"\1***@", uri)
+    return re.sub(
+        r"(?i)([?&](?:token|access_token|password|key|secret|sig)[^=]*=)[^&]+", r"\1***", uri
+    )
+
+
 def ui_command(uri: str) -> str:
     """The command that opens the MLflow UI on this store."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
+        return f"open {redact(uri)}"
+    if uri.startswith("sqlite:///"):
+        root = artifact_root(uri)
+        return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {root}"
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """Id of the experiment ``name``, created if missing."""
+def artifact_root(uri: str) -> str | None:
+    """Where artifacts go for a SQLite store: ``mlartifacts/`` beside the database."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return str(Path(uri[len("sqlite:///") :]).parent / "mlartifacts")
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise schema creation of a SQLite store across processes (file lock beside it)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def prepare_store(uri: str) -> MlflowClient:
+    """A client on a store that is ready: a server that answers, or a SQLite file whose schema
+    exists (created by one process at a time, so concurrent studies do not race)."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
+                response.read()
+        except urllib.error.HTTPError:
+            pass  # it answers (a proxy may guard /health); credentials are MLflow's business
+        except OSError as err:
+            raise TrackingError(
+                f"--tracking-uri {redact(uri)}: the MLflow server does not answer ({err})"
+            ) from None
+        return MlflowClient(uri)
+    with _store_lock(uri):
+        client = MlflowClient(uri)
+        try:
+            client.search_experiments(max_results=1)
+        except Exception as err:  # SQLAlchemy/MLflow errors of a file that is not a store
+            raise TrackingError(
+                f"--tracking-uri {redact(uri)} is not a usable MLflow store "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); point it at an "
+                "MLflow database, a new file name, or a server"
+            ) from None
+    return client
+
+
+def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    """Id of the experiment ``name``, created if missing (artifacts beside a SQLite store, the
+    model-training view in MLflow 3's UI)."""
     found = client.get_experiment_by_name(name)
-    return found.experiment_id if found else client.create_experiment(name)
+    if found:
+        return found.experiment_id
+    root = artifact_root(uri)
+    location = Path(root).joinpath(name).as_uri() if root else None
+    try:
+        exp_id = client.create_experiment(name, artifact_location=location)
+    except Exception:  # another study created it at the same moment
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+    client.set_experiment_tag(exp_id, KIND_TAG, "custom_model_development")
+    return exp_id
 
 
 def start_parent_run(
-    uri: str, experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]
+    client: MlflowClient,
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
 ) -> str:
     """Create the parent run of a study invocation and return its id."""
-    client = MlflowClient(uri)
-    run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=dict(tags))
+    exp = experiment_id(client, experiment, client.tracking_uri)
+    run = client.create_run(exp, run_name=run_name, tags=dict(tags))
     log_params(client, run.info.run_id, params)
     return run.info.run_id
 
 
 def child_run(
-    client: MlflowClient, parent_id: str, trial_id: str, run_name: str, tags: Mapping[str, str]
+    client: MlflowClient, parent_id: str, key: str, run_name: str, tags: Mapping[str, str]
 ) -> tuple[str, bool]:
-    """The child run of a trial: (run id, already finished). Reuses a run left by an earlier
-    attempt of the same trial, so every trial has exactly one child run."""
+    """The child run of a trial (``key``: trial id, plus the variant when a trial evaluates
+    several): (run id, already finished). Reuses a run left by an earlier attempt."""
     parent = client.get_run(parent_id)
     existing = client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{key}'",
     )
     if existing:
         run = existing[0]
@@ -77,30 +167,39 @@ def child_run(
     run = client.create_run(
         parent.info.experiment_id,
         run_name=run_name,
-        tags={PARENT_TAG: parent_id, TRIAL_TAG: trial_id, **tags},
+        tags={PARENT_TAG: parent_id, TRIAL_TAG: key, **tags},
     )
     return run.info.run_id, False
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
-    """Log params in one batch (values as strings, MLflow's 6000-character limit respected)."""
-    items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
-    for start in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[start : start + 100])
+    """Log params (values as strings within MLflow's 6000-character limit; batches split by
+    MLflow itself)."""
+    client.log_batch(run_id, params=[Param(str(k), str(v)[:6000]) for k, v in params.items()])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
+    client.log_batch(run_id, tags=[RunTag(str(k), str(v)[:5000]) for k, v in tags.items()])
 
 
 def log_metrics(
     client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0
 ) -> None:
-    """Log numeric metrics in batches (NaN is kept: MLflow stores it; inf is dropped)."""
+    """Log numeric metrics in one call (NaN is kept: MLflow stores it; inf is dropped)."""
     now = int(1000 * time.time())
     items = [
         Metric(k, float(v), now, step)
         for k, v in metrics.items()
         if isinstance(v, int | float) and not math.isinf(float(v))
     ]
-    for start in range(0, len(items), 1000):
-        client.log_batch(run_id, metrics=items[start : start + 1000])
+    client.log_batch(run_id, metrics=items)
+
+
+def log_series(client: MlflowClient, run_id: str, key: str, values: list[float]) -> None:
+    """A metric series, one step per value (e.g. the training loss per epoch)."""
+    now = int(1000 * time.time())
+    items = [Metric(key, float(v), now, step) for step, v in enumerate(values, start=1)]
+    client.log_batch(run_id, metrics=items)
 
 
 def finished_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:

@@ -1,6 +1,24 @@
 """Tiny Anomalies metrics: I-AUROC, P-AUROC, AUPRO (exact and the official 99-threshold protocol),
-cumulative-quartile AUPRO and the robustness ρ."""
+cumulative-quartile AUPRO and the robustness ρ.
 
-from fbft.metrics.evaluate import Curves, MetricAccumulator, evaluate, metric_keys
+``metric_keys`` loads without torch; the rest on first use.
+"""
 
-__all__ = ["Curves", "MetricAccumulator", "evaluate", "metric_keys"]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fbft.metrics.keys import metric_keys, official_keys, score_keys
+
+__all__ = ["Curves", "MetricAccumulator", "evaluate", "metric_keys", "official_keys", "score_keys"]
+
+if TYPE_CHECKING:
+    from fbft.metrics.evaluate import Curves, MetricAccumulator, evaluate
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Curves", "MetricAccumulator", "evaluate"):
+        from fbft.metrics import evaluate as module
+
+        return getattr(module, name)
+    raise AttributeError(f"module 'fbft.metrics' has no attribute {name!r}")

@@ -18,18 +18,10 @@ from scipy import ndimage
 
 from fbft.maps import image_score
 from fbft.metrics import pro
+from fbft.metrics.keys import LIMITS, QUARTILE_LIMITS, metric_keys
 from fbft.metrics.quartiles import QUARTILES, cumulative_subsets, robustness, size_quartiles
 
-LIMITS = {"30": 0.3, "10": 0.1, "5": 0.05, "1": 0.01}
-QUARTILE_LIMITS = ("30", "5")
 EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
-
-
-def metric_keys() -> list[str]:
-    """Every key :func:`evaluate` returns, in a stable order."""
-    keys = ["i_auroc", "p_auroc"] + [f"aupro_{lim}" for lim in LIMITS]
-    keys += [f"aupro_{lim}_{q}" for lim in QUARTILE_LIMITS for q in QUARTILES]
-    return keys + [f"rho_{lim}" for lim in QUARTILE_LIMITS] + ["size_q1", "size_q2", "size_q3"]
 
 
 @dataclass(frozen=True)

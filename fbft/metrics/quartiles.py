@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-QUARTILES = ("q1", "q2", "q3", "q4")
+from fbft.metrics.keys import QUARTILES
+
+__all__ = ["QUARTILES", "cumulative_subsets", "robustness", "size_quartiles"]
 
 
 def size_quartiles(sizes: np.ndarray) -> np.ndarray:

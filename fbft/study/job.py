@@ -1,0 +1,255 @@
+"""One category of one trial, without Ray or MLflow: data -> tokens -> one fit -> every variant.
+
+few-shot subset -> teacher tokens (cache hit or one teacher pass per image) -> the detector fitted
+once -> every inference-side variant from one pass over the test tokens -> both AUPRO protocols
+(exact and the official sampled one) from one accumulator per variant -> figures.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fbft.metrics.keys import OFFICIAL_PREFIX
+
+CALIBRATION_IMAGES = 8  # unused nominal training images that calibrate the thresholds
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to run for one category (plain values: it travels to a Ray worker)."""
+
+    data: str
+    format: str
+    category: str
+    method: str
+    config: dict[str, Any]  # FBFTConfig fields, weights resolved on the driver
+    shots: int | str  # a number or "full"
+    seed: int
+    nested: bool
+    variants: tuple[dict[str, Any], ...]  # inference-side settings; ({},) = the config's own
+    cache_dir: str | None
+    cache_dtype: str = "float32"
+    cache_max_gb: float | None = None
+    num_thresholds: int = 99
+    pictures: int = 4
+    target_fpr: float = 0.01
+    log_teacher: bool = False
+
+
+@dataclass
+class Outcome:
+    """What a job produced: metrics per variant, counters, and files to log per variant."""
+
+    metrics: list[dict[str, float]]
+    counters: dict[str, float]
+    sizes: dict[str, int]
+    history: list[float]
+    files: list[dict[str, Path]] = field(default_factory=list)
+    detector: Any = None
+    thresholds: Any = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def training_subset(job: Job, train: Any) -> tuple[Any, Any]:
+    """(training images, unused nominal images for calibration) of a category."""
+    from fbft.data import few_shot
+
+    n = len(train)
+    if job.shots == "full":
+        return train, train.subset([])
+    shots = int(job.shots)
+    if job.nested:
+        chosen = few_shot(train, shots, job.seed)
+    else:  # an independent draw per (shots, seed)
+        seed = int(np.random.SeedSequence([job.seed, shots]).generate_state(1)[0])
+        chosen = few_shot(train, shots, seed)
+    used = {s.path for s in chosen}
+    rest = [i for i in range(n) if train[i].path not in used][:CALIBRATION_IMAGES]
+    return chosen, train.subset(rest)
+
+
+def run_job(job: Job, out: Path) -> Outcome:
+    """Fit once, evaluate every variant; figures go to ``out/<variant index>/``."""
+    from fbft.data import open_dataset
+    from fbft.detector import build
+    from fbft.features import FeatureCache, teacher_tokens
+
+    train_all = open_dataset(job.data, job.category, "train", job.format)
+    test = open_dataset(job.data, job.category, "test", job.format)
+    train, calibration = training_subset(job, train_all)
+    detector = build(job.method, job.config)
+    teacher = detector.teacher
+    cache = None
+    if job.cache_dir:
+        cache = FeatureCache(
+            job.cache_dir, teacher.describe(), dtype=job.cache_dtype, max_gb=job.cache_max_gb
+        )
+    batch = int(job.config.get("batch_size", 4))
+    tokens, report = teacher_tokens(list(train), teacher.encode, cache, batch)
+    start = time.perf_counter()
+    detector.fit_tokens(tokens)
+    fit_seconds = time.perf_counter() - start
+    del tokens
+    thresholds = _calibrate(detector, calibration, teacher, cache, batch, job, report)
+    evaluation = _evaluate(detector, test, teacher, cache, batch, job, report)
+    counters = {
+        "time/fit_seconds": fit_seconds,
+        "time/teacher_ms": float(np.mean(report.teacher_ms)) if report.teacher_ms else float("nan"),
+        "time/students_ms": evaluation.seconds.get("students", 0.0) * 1000 / max(1, len(test)),
+        "time/maps_ms": evaluation.seconds.get("maps", 0.0) * 1000 / max(1, len(test)),
+        "cache/teacher_passes": float(report.passes),
+        "cache/teacher_reused": float(report.reused),
+        "student_fits": 1.0,
+    }
+    outcome = Outcome(
+        metrics=evaluation.metrics,
+        counters=counters,
+        sizes={"n_train": len(train), "n_test": len(test), "n_calibration": len(calibration)},
+        history=list(getattr(detector, "history", [])),
+        detector=detector,
+        thresholds=thresholds,
+        tags={"token_tier": str(getattr(detector, "token_tier", "n/a"))},
+    )
+    if thresholds is not None:
+        from fbft.thresholds import decision_metrics
+
+        for m, scores in zip(outcome.metrics, evaluation.scores, strict=True):
+            found = decision_metrics(scores, evaluation.labels, thresholds)
+            m.update({f"threshold/{k}": v for k, v in found.items()})
+    outcome.files = _figures(job, evaluation, out)
+    return outcome
+
+
+@dataclass
+class _Evaluation:
+    metrics: list[dict[str, float]]
+    scores: list[list[float]]
+    labels: list[int]
+    seconds: dict[str, float]
+    curves: list[Any]
+    shown: list[list[tuple[Any, np.ndarray, float]]]  # per variant: (sample, map, score)
+    nominal_values: list[list[np.ndarray]]
+
+
+def _batches(dataset: Any, size: int) -> Any:
+    for start in range(0, len(dataset), size):
+        yield start, [dataset[i] for i in range(start, min(start + size, len(dataset)))]
+
+
+def _calibrate(detector, calibration, teacher, cache, batch, job, report) -> Any:
+    """Image and pixel thresholds at the target FPR from nominal images not trained on."""
+    if len(calibration) == 0:
+        return None
+    from fbft.thresholds import calibrate
+
+    scores, values = [], []
+    sizes = calibration.sizes()
+    for start, chunk in _batches(calibration, batch):
+        tokens, r = teacher_tokens_of(chunk, teacher, cache, batch)
+        report.add(r)
+        (pred,) = detector.predict_variants(tokens, sizes[start : start + len(chunk)], ({},))
+        scores += pred.scores
+        values += pred.maps
+    return calibrate(scores, values, job.target_fpr)
+
+
+def teacher_tokens_of(samples: Sequence[Any], teacher: Any, cache: Any, batch: int) -> Any:
+    from fbft.features import teacher_tokens
+
+    return teacher_tokens(list(samples), teacher.encode, cache, batch)
+
+
+def _evaluate(detector, test, teacher, cache, batch, job: Job, report) -> _Evaluation:
+    """Every variant's maps of the whole test set, streamed into one accumulator per variant."""
+    from fbft.metrics import MetricAccumulator
+
+    sizes = test.sizes()  # file headers only, read once
+    pixels = sum(h * w for h, w in sizes)
+    accs = [MetricAccumulator(None, pixels=pixels) for _ in job.variants]
+    anomalous = [i for i, s in enumerate(test) if s.label]
+    nominal = [i for i, s in enumerate(test) if not s.label]
+    picked = set(_spread(anomalous, job.pictures - 1) + nominal[: min(1, job.pictures)])
+    ev = _Evaluation(
+        [],
+        [[] for _ in job.variants],
+        [],
+        {},
+        [],
+        [[] for _ in job.variants],
+        [[] for _ in job.variants],
+    )
+    for start, chunk in _batches(test, batch):
+        tokens, r = teacher_tokens_of(chunk, teacher, cache, batch)
+        report.add(r)
+        preds = detector.predict_variants(tokens, sizes[start : start + len(chunk)], job.variants)
+        masks = [s.mask for s in chunk]
+        ev.labels += [int(s.label) for s in chunk]
+        for v, pred in enumerate(preds):
+            for stage, s in pred.seconds.items():
+                ev.seconds[stage] = ev.seconds.get(stage, 0.0) + s / len(preds)
+            for offset, (sample, amap, score) in enumerate(
+                zip(chunk, pred.maps, pred.scores, strict=True)
+            ):
+                accs[v].update(amap, masks[offset], sample.label, score)
+                ev.scores[v].append(float(score))
+                if not sample.label:
+                    ev.nominal_values[v].append(amap.ravel()[::37].copy())
+                if start + offset in picked:
+                    ev.shown[v].append((sample, amap, float(score)))
+    for acc in accs:
+        official = acc.compute(job.num_thresholds)
+        exact = acc.compute(None)  # last, so acc.curves are the exact curves
+        metrics = dict(exact)
+        metrics.update(
+            {
+                OFFICIAL_PREFIX + k: v
+                for k, v in official.items()
+                if k.startswith(("aupro_", "rho_"))
+            }
+        )
+        ev.metrics.append(metrics)
+        ev.curves.append(acc.curves)
+    return ev
+
+
+def _figures(job: Job, ev: _Evaluation, out: Path) -> list[dict[str, Path]]:
+    """Per variant: overlays on one colour scale, PRO curves, quartile chart."""
+    from fbft import plots
+
+    files = []
+    for v, metrics in enumerate(ev.metrics):
+        folder = out / str(v)
+        values = np.concatenate(ev.nominal_values[v]) if ev.nominal_values[v] else None
+        vmin, vmax = plots.color_range(values) if values is not None else (None, None)
+        mine: dict[str, Path] = {}
+        for sample, amap, score in ev.shown[v]:
+            stem = Path(sample.path).stem
+            name = f"{job.category}_{sample.defect_type}_{stem}.png"
+            title = f"{job.category} · {sample.defect_type} · {stem} · score {score:.4f}"
+            mine[f"maps/{name}"] = plots.overlay(
+                sample.image, sample.mask, amap, folder / name, title, vmin=vmin, vmax=vmax
+            )
+        mine["pro_curve.png"] = plots.pro_curves(
+            ev.curves[v], folder / "pro_curve.png", title=job.category, metrics=metrics
+        )
+        mine["quartiles.png"] = plots.quartile_chart(metrics, folder / "quartiles.png")
+        files.append(mine)
+    return files
+
+
+def _spread(items: list[int], n: int) -> list[int]:
+    if n <= 0 or not items:
+        return []
+    picks = np.linspace(0, len(items) - 1, num=min(n, len(items))).round().astype(int)
+    return [items[i] for i in sorted(set(picks))]
+
+
+def variant_label(variant: Mapping[str, Any]) -> str:
+    """``{"fusion": "sum"}`` -> ``fusion=sum`` ("" for the config's own setting)."""
+    return " ".join(f"{k}={v}" for k, v in variant.items())

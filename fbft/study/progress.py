@@ -1,0 +1,106 @@
+"""The terminal of a study: Ray and Tune quiet by default, one line per trial event, an ETA
+weighted by each trial's expected work."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+
+from ray import tune
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Ray's banners, Tune's boxes and loggers off unless ``--verbose`` (set before ray.init)."""
+    if verbose:
+        return
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000000")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
+    for name in ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module="ray")
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def describe(config: dict) -> str:
+    """``gravel shots=5 seed=0`` from a trial's Tune config."""
+    cell = config.get("trial", {})
+    where = ",".join(cell.get("categories", []))
+    axes = dict(cell.get("axes", {}))
+    axes.update({k: v for k, v in config.items() if k != "trial"})
+    return " ".join([where, *(f"{k}={_short(v)}" for k, v in axes.items())])
+
+
+def _short(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+class Progress(tune.Callback):
+    """Prints a line when a trial starts, finishes or fails: counts, elapsed time, and an ETA
+    from the work done so far (each trial weighted by training images × epochs + test images)."""
+
+    def __init__(self, total: int, weights: Sequence[float] = ()) -> None:
+        self.total = total
+        self.weights = list(weights)
+        self.start = time.time()
+        self.done_work = 0.0
+        self.ended: set[str] = set()
+
+    def _weight(self, trial) -> float:
+        cell = trial.config.get("trial", {})
+        index = cell.get("index")
+        if index is not None and index < len(self.weights):
+            return self.weights[index]
+        return 1.0
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        print(f"[fbft] start: {describe(trial.config)}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._line(trials, trial, "done")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._line(trials, trial, "FAILED")
+
+    def _line(self, trials, trial, what: str) -> None:
+        if trial.trial_id in self.ended:
+            return
+        self.ended.add(trial.trial_id)
+        self.done_work += self._weight(trial)
+        status = [t.status for t in trials if t is not trial]  # this one is not updated yet
+        failed = status.count("ERROR") + (what == "FAILED")
+        finished = len(self.ended)
+        elapsed = time.time() - self.start
+        total_work = sum(self.weights) if len(self.weights) == self.total else self.total
+        left = max(0.0, total_work - self.done_work) if self.weights else self.total - finished
+        eta = duration(elapsed / max(self.done_work, 1e-9) * left)
+        line = (
+            f"[fbft] {finished}/{self.total} finished ({failed} failed, "
+            f"{status.count('RUNNING')} running) · {duration(elapsed)} elapsed · ETA {eta} · "
+            f"{what}: {describe(trial.config)}"
+        )
+        if what == "FAILED" and trial.error_file:
+            line += f"\n        {_error_line(trial.error_file)}"
+        print(line, flush=True)
+
+
+def _error_line(path: str) -> str:
+    """The last line of a trial's error file: the exception and its message."""
+    try:
+        with open(path) as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except OSError:
+        return ""
+    found = [ln for ln in lines if "TrialError:" in ln or "Error:" in ln]
+    return (found[-1] if found else lines[-1] if lines else "")[:300]

@@ -1,0 +1,258 @@
+"""What a study prints and leaves behind: the table (means over categories, ± std over seeds),
+the CSV of every trial and variant, a plot, and the parent run's description and totals."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fbft.metrics.keys import OFFICIAL_PREFIX
+from fbft.study.options import Options
+from fbft.study.spec import Study
+
+TOTALS = ("cache/teacher_passes", "student_fits")
+_VARIANT = re.compile(r"v\d+/")
+
+
+@dataclass
+class Collected:
+    """Rows (one per finished trial × variant), failures, and how many trials finished."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    finished: int = 0
+
+
+def collect(grid: Any, variants: tuple[dict, ...], variant_axes: tuple[dict, ...]) -> Collected:
+    """Tune's results as table rows. A trial counts as finished only when it reported its
+    metrics: Ray marks trials it never started TERMINATED when a study is interrupted."""
+    from fbft.study.progress import describe
+
+    out = Collected()
+    if grid is None:
+        return out
+    for result in grid:
+        config = result.config or {}
+        if result.error is not None:
+            cause = getattr(result.error, "cause", None) or result.error
+            text = f"{type(cause).__name__}: {cause}".splitlines()[0][:300]
+            out.failures.append((describe(config), text.replace("TrialError: ", "")))
+            continue
+        metrics = result.metrics or {}
+        if "categories_done" not in metrics:
+            continue
+        out.finished += 1
+        cell = config.get("trial", {})
+        setting = {**cell.get("axes", {}), **{k: v for k, v in config.items() if k != "trial"}}
+        for i, shown in enumerate(variant_axes):
+            prefix = f"v{i}/" if i else ""
+            row = {**setting, **shown, "method": cell.get("method", "fbft")}
+            row["categories"] = ",".join(cell.get("categories", []))
+            if i:
+                row.update(
+                    {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+                )
+            else:
+                row.update({k: v for k, v in metrics.items() if not _VARIANT.match(k)})
+            row.update({k: metrics[k] for k in TOTALS if k in metrics and i == 0})
+            out.rows.append(row)
+    return out
+
+
+def work_weights(cells: list[dict[str, Any]], base: Any) -> list[float]:
+    """Expected work of each trial (training images × epochs + test images), for the ETA."""
+    numeric = [int(c["shots"]) for c in cells if str(c.get("shots")).isdigit()]
+    full = max(numeric, default=100) * 2
+    out = []
+    for cell in cells:
+        shots = cell.get("shots", "full")
+        images = int(shots) if str(shots).isdigit() else full
+        epochs = int(cell.get("changes", {}).get("epochs", base.epochs))
+        out.append(float(images * epochs + 50))
+    return out
+
+
+def table(study: Study, options: Options, rows: list[dict[str, Any]]) -> tuple[str, Any]:
+    """The paper-style Markdown table and the DataFrame of its means."""
+    import pandas as pd
+
+    if not rows:
+        return "(no finished trial)", None
+    prefix = OFFICIAL_PREFIX if options.protocol == "official" else ""
+    columns = {
+        (prefix + k if k.startswith(("aupro_", "rho_")) else k): name
+        for k, name in study.columns.items()
+    }
+    df = pd.DataFrame(rows)
+    if study.search is not None:
+        return _search_table(df, options, columns), df
+    keys = [a.name for a in study.axes] + (["method"] if _varies(df, "method") else [])
+    keys = [k for k in dict.fromkeys(keys) if k in df]
+    for col in columns:
+        if col not in df:
+            df[col] = np.nan
+    # per seed: the mean over categories; then mean ± std over seeds
+    per_seed = df.groupby([*keys, "seed"], sort=False, dropna=False)[list(columns)].mean()
+    grouped = (
+        per_seed.groupby(level=keys, sort=False, dropna=False)
+        if keys
+        else per_seed.groupby(lambda _: 0)
+    )
+    mean, std, count = grouped.mean(), grouped.std(ddof=1), grouped.size()
+    trials = df.groupby(keys, sort=False, dropna=False).size() if keys else pd.Series([len(df)])
+    head = [*keys, *columns.values(), "trials"]
+    body = []
+    for index in mean.index:
+        values = index if isinstance(index, tuple) else (index,)
+        cells = [str(v) for v in values] if keys else []
+        for col in columns:
+            m, s = mean.loc[index, col], std.loc[index, col]
+            cells.append(
+                _fmt(m) + (f" ± {s:.3f}" if count.loc[index] > 1 and np.isfinite(s) else "")
+            )
+        cells.append(str(int(trials.loc[index])) if keys else str(len(df)))
+        body.append(cells)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    seeds = df["seed"].nunique() if "seed" in df else 1
+    spread = f"; ± = std over {seeds} seeds" if seeds > 1 else ""
+    note = (
+        f"{options.protocol} AUPRO protocol"
+        + (f" ({options.num_thresholds} thresholds)" if prefix else "")
+        + f"; means over categories{spread}; host {socket.gethostname()}"
+    )
+    return "\n".join(lines) + f"\n\n({note})", mean.reset_index() if keys else mean
+
+
+def _varies(df: Any, key: str) -> bool:
+    return key in df and df[key].nunique() > 1
+
+
+def _search_table(df: Any, options: Options, columns: dict[str, str]) -> str:
+    from fbft.config import FBFTConfig
+
+    ranked = df.sort_values(options.metric, ascending=False, na_position="last").head(10)
+    params = [k for k in df.columns if k in FBFTConfig.__dataclass_fields__ and k != "seed"]
+    head = ["rank", *params, *columns.values()]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for i, (_, r) in enumerate(ranked.iterrows(), 1):
+        cells = [str(i), *(_param(r[p]) for p in params), *(_fmt(r.get(c)) for c in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\n(best by {options.metric}; {options.protocol} protocol)"
+
+
+def _param(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _fmt(value: Any) -> str:
+    try:
+        return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
+    except TypeError:
+        return str(value)
+
+
+def summarise(
+    study: Study, options: Options, found: Collected, state: Any, path: str, started: float
+) -> int:
+    """Print the table; write summary.md, trials.csv and summary.png; finish the parent run."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from fbft import plots, tracking
+
+    text, means = table(study, options, found.rows)
+    wall = time.time() - started
+    client = MlflowClient(state.tracking_uri)
+    parent = state.parent_run_id
+    with contextlib.ExitStack() as stack:
+        if "://" in path:  # remote storage: the summary goes to MLflow only
+            out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fbft-summary-")))
+        else:
+            out = Path(path) / "summary"
+            out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.md").write_text(f"# {study.title}\n\n{text}\n")
+        pd.DataFrame(found.rows).to_csv(out / "trials.csv", index=False)
+        keys = [a.name for a in study.axes]
+        if study.search is None and means is not None and len(means) > 1 and keys:
+            rows = means.to_dict("records")
+            for r in rows:
+                r["setting"] = " ".join(str(r[k]) for k in keys if k in r)
+            prefix = OFFICIAL_PREFIX if options.protocol == "official" else ""
+            cols = {
+                (prefix + k if k.startswith(("aupro_", "rho_")) else k): v
+                for k, v in study.columns.items()
+            }
+            plots.summary(rows, "setting", cols, out / "summary.png")
+        client.log_artifacts(parent, str(out))
+    totals = {k: float(sum(r.get(k, 0.0) for r in found.rows)) for k in TOTALS}
+    counts = {
+        "time/wall_seconds": wall,
+        "trials_done": found.finished,
+        "trials_failed": len(found.failures),
+        "teacher_passes": totals["cache/teacher_passes"],
+        "student_fits": totals["student_fits"],
+    }
+    if means is not None and study.search is None:
+        for r in means.to_dict("records"):
+            label = "_".join(f"{k}={r[k]}" for k in [a.name for a in study.axes] if k in r) or "all"
+            counts.update({f"{label}/{c}": r[c] for c in r if isinstance(r[c], float)})
+    tracking.log_metrics(client, parent, counts)
+    tracking.set_tags(client, parent, {tracking.NOTE_TAG: f"# {study.title}\n\n{text}\n"})
+    client.set_terminated(parent, "FAILED" if found.failures and not found.rows else "FINISHED")
+    print(f"\n{study.title}\n\n{text}")
+    if found.failures:
+        print(f"\n{len(found.failures)} trial(s) failed:")
+        for where, error in found.failures:
+            print(f"  {where}: {error}")
+        print(f"re-run the failed trials with: {state.resume_command}")
+    where = path if "://" in path else f"{path} (table: {path}/summary/summary.md)"
+    print(
+        f"\nwall time {_duration(wall)} · teacher passes {int(totals['cache/teacher_passes'])} · "
+        f"student fits {int(totals['student_fits'])} · results in {where}"
+    )
+    experiment = options.experiment or f"fbft-{study.name}"
+    print(f"MLflow: {tracking.ui_command(state.tracking_uri)}")
+    print(f"        experiment '{experiment}', parent run '{state.name}'")
+    if options.register and found.rows:
+        _register(client, options, study, found, state)
+    return 1 if found.failures else 0
+
+
+def _duration(seconds: float) -> str:
+    from fbft.study.progress import duration
+
+    return duration(seconds)
+
+
+def _register(client: Any, options: Options, study: Study, found: Collected, state: Any) -> None:
+    """Register the model of the best child run (by the table's AUPRO@5% or the search metric)."""
+    import mlflow
+
+    metric = (
+        options.metric
+        if study.search
+        else ((OFFICIAL_PREFIX if options.protocol == "official" else "") + "aupro_5")
+    )
+    runs = client.search_runs(
+        [client.get_run(state.parent_run_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{state.parent_run_id}' "
+        "and tags.method = 'fbft'",
+        order_by=[f"metrics.`{metric}` DESC"],
+        max_results=1,
+    )
+    if not runs:
+        print("--register: no FBFT child run with a model to register")
+        return
+    best = runs[0].data.tags.get("fit_run", runs[0].info.run_id)
+    mlflow.set_tracking_uri(state.tracking_uri)
+    version = mlflow.register_model(f"runs:/{best}/model", options.register)
+    print(f"registered models:/{options.register}/{version.version} (run {best}, best {metric})")

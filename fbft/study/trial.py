@@ -1,0 +1,302 @@
+"""The Tune trainable that runs on a Ray worker: one trial = one training setting on its
+categories, logged as one MLflow child run per variant and reported to Tune.
+
+Errors in the inputs (NaN loss, a corrupt image, bad weights) are deterministic: the trial fails
+once, with one clean line, and a retry within the same invocation fails at once without
+recomputing. Infrastructure errors (I/O, network) are retried by Tune.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fbft.study.job import Job, Outcome, run_job, variant_label
+from fbft.study.spec import layer_pair, show
+
+ERROR_TAG = "error"
+INVOCATION_TAG = "fbft.invocation"
+
+
+class TrialError(Exception):
+    """A deterministic failure of a trial, carried as one line (the traceback is in MLflow)."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything a trial needs besides its own settings (the same for every trial)."""
+
+    data: str
+    format: str
+    base_config: dict[str, Any]
+    variants: tuple[dict[str, Any], ...]
+    variant_axes: tuple[dict[str, str], ...]
+    tracking_uri: str
+    parent_run_id: str
+    invocation: str
+    cache_dir: str | None
+    cpus_per_trial: float
+    job: Job  # the settings every job shares (data, cache, metrics); per-trial fields replaced
+    tags: dict[str, str]
+    metric: str | None = None
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A trial's own settings, from its Tune config."""
+
+    categories: tuple[str, ...]
+    method: str
+    shots: int | str
+    seed: int
+    axes: dict[str, str]
+    changes: dict[str, Any]
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any]) -> Cell:
+        """Grid trials carry a ``trial`` dict; search trials add FBFTConfig fields beside it."""
+        cell = dict(config["trial"])
+        changes = {**cell.get("changes", {}), **{k: v for k, v in config.items() if k != "trial"}}
+        if isinstance(changes.get("layers"), str):
+            changes["layers"] = layer_pair(changes["layers"])
+        axes = dict(cell.get("axes", {}))
+        axes.update({k: show(v) for k, v in config.items() if k != "trial"})
+        return cls(
+            tuple(cell["categories"]),
+            cell.get("method", "fbft"),
+            cell.get("shots", "full"),
+            int(cell.get("seed", 0)),
+            axes,
+            changes,
+        )
+
+
+def run_trial(config: dict[str, Any], context: Context) -> None:
+    """Tune trainable: evaluate one setting on its categories, log it, report it."""
+    import torch
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(context.cpus_per_trial)))
+    cell = Cell.of(config)
+    client = MlflowClient(context.tracking_uri)
+    runs = _Runs(client, context, cell, tune.get_context().get_trial_id() or "local")
+    if runs.finished:  # an earlier attempt logged everything: report it again
+        tune.report(runs.finished_metrics())
+        return
+    runs.reraise_known_failure()
+    done, totals = 0, [{} for _ in context.variants]
+    try:
+        for done, category in enumerate(cell.categories, start=1):
+            outcome = _run_category(category, cell, context, runs)
+            means = _accumulate(totals, outcome, done)
+            runs.log_step(means, done)
+            tune.report(_report(means, done, context))
+    except SystemExit:  # Tune ends the trial from tune.report: a scheduler stopped it
+        runs.stopped(done, len(cell.categories))
+        raise
+    except Exception as err:
+        deterministic = not _infrastructure(err)
+        runs.failed(err, deterministic)
+        if deterministic:
+            raise TrialError(_one_line(err)) from None
+        raise
+    runs.finish()
+
+
+def _run_category(category: str, cell: Cell, context: Context, runs: _Runs) -> Outcome:
+    config = {**context.base_config, **cell.changes, "progress": False}
+    job = replace(
+        context.job,
+        category=category,
+        method=cell.method,
+        config=config,
+        shots=cell.shots,
+        seed=cell.seed,
+    )
+    with tempfile.TemporaryDirectory(prefix=f"fbft-{category}-") as tmp:
+        outcome = run_job(job, Path(tmp))
+        runs.log_category(category, outcome, Path(tmp), prefixed=len(cell.categories) > 1)
+    return outcome
+
+
+def _accumulate(totals: list[dict], outcome: Outcome, done: int) -> list[dict[str, float]]:
+    for total, metrics in zip(totals, outcome.metrics, strict=True):
+        for key, value in {**metrics, **outcome.counters}.items():
+            total.setdefault(key, []).append(value)
+    return [{k: float(np.mean(v)) for k, v in t.items()} for t in totals]
+
+
+def _report(means: list[dict[str, float]], done: int, context: Context) -> dict[str, float]:
+    """Variant 0's metrics at the top level (a search optimises them), the others under
+    ``v<i>/``; counters once (one fit serves every variant)."""
+    out = {**means[0], "categories_done": done}
+    for i, m in enumerate(means[1:], start=1):
+        out.update({f"v{i}/{k}": v for k, v in m.items() if not k.startswith(("time/", "cache/"))})
+    return out
+
+
+def _infrastructure(err: BaseException) -> bool:
+    """I/O and network failures are worth a retry; everything else repeats identically."""
+    from fbft.data import DatasetError
+
+    if isinstance(err, DatasetError | FileNotFoundError | IsADirectoryError | PermissionError):
+        return False
+    return isinstance(err, OSError | ConnectionError | TimeoutError)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:400]
+
+
+class _Runs:
+    """The child runs of one trial: one per variant (runs of variants > 0 point at variant 0's,
+    which holds the fit, the counters and the model)."""
+
+    def __init__(self, client: Any, context: Context, cell: Cell, trial_id: str) -> None:
+        from fbft import tracking
+
+        self.client, self.context, self.cell = client, context, cell
+        self.ids: list[str] = []
+        states = []
+        where = cell.categories[0] if len(cell.categories) == 1 else f"{len(cell.categories)} cats"
+        base = " · ".join([where, *(f"{k}={v}" for k, v in cell.axes.items())])
+        for i, shown in enumerate(context.variant_axes):
+            label = variant_label(shown)
+            key = trial_id if len(context.variants) == 1 else f"{trial_id}/{i}"
+            tags = {
+                **context.tags,
+                "method": cell.method,
+                "categories": ",".join(cell.categories),
+                **({"category": cell.categories[0]} if len(cell.categories) == 1 else {}),
+                **({"variant": label} if label else {}),
+            }
+            run_id, finished = tracking.child_run(
+                client, context.parent_run_id, key, " · ".join(filter(None, [base, label])), tags
+            )
+            self.ids.append(run_id)
+            states.append(finished)
+        self.finished = all(states)
+        if not self.finished:
+            self._start()
+
+    def _start(self) -> None:
+        import ray
+
+        from fbft import tracking
+
+        ctx, cell = self.context, self.cell
+        for i, run_id in enumerate(self.ids):
+            self.client.update_run(run_id, status="RUNNING")
+            config = {**ctx.base_config, **cell.changes, **ctx.variants[i]}
+            params = {f"config.{k}": show(v) for k, v in config.items() if k != "progress"}
+            params.update({"method": cell.method, "shots": cell.shots, "seed": cell.seed})
+            params.update({**cell.axes, **ctx.variant_axes[i]})
+            tracking.log_params(self.client, run_id, params)
+            tracking.set_tags(
+                self.client,
+                run_id,
+                {
+                    "host": socket.gethostname(),
+                    "ray_node_id": ray.get_runtime_context().get_node_id(),
+                    INVOCATION_TAG: ctx.invocation,
+                    **({"fit_run": self.ids[0]} if i else {}),
+                },
+            )
+
+    def finished_metrics(self) -> dict[str, float]:
+        from fbft import tracking
+
+        means = [tracking.finished_metrics(self.client, r) for r in self.ids]
+        return _report(means, len(self.cell.categories), self.context)
+
+    def reraise_known_failure(self) -> None:
+        """A deterministic failure in this invocation: fail again at once (Tune's retry)."""
+        run = self.client.get_run(self.ids[0])
+        tags = run.data.tags
+        if tags.get(INVOCATION_TAG + ".failed") == self.context.invocation and ERROR_TAG in tags:
+            raise TrialError(tags[ERROR_TAG])
+
+    def log_category(self, category: str, outcome: Outcome, tmp: Path, prefixed: bool) -> None:
+        from fbft import tracking
+
+        prefix = f"{category}/" if prefixed else ""
+        for i, run_id in enumerate(self.ids):
+            metrics = dict(outcome.metrics[i])
+            metrics.update(outcome.counters if i == 0 else {"student_fits": 0.0})
+            tracking.log_metrics(self.client, run_id, {prefix + k: v for k, v in metrics.items()})
+            if not prefixed:
+                tracking.log_params(self.client, run_id, {"category": category, **outcome.sizes})
+            tracking.set_tags(self.client, run_id, {**outcome.tags, **_teacher_tags(outcome)})
+            for name, path in outcome.files[i].items():
+                folder = str(Path(prefix + name).parent)
+                self.client.log_artifact(run_id, str(path), None if folder == "." else folder)
+        if outcome.history:
+            tracking.log_series(self.client, self.ids[0], prefix + "train_loss", outcome.history)
+        self._log_detector(outcome, tmp, prefix)
+
+    def _log_detector(self, outcome: Outcome, tmp: Path, prefix: str) -> None:
+        saved = outcome.detector.save(tmp / "detector.pt")
+        if outcome.thresholds is not None:
+            (tmp / "thresholds.json").write_text(outcome.thresholds.to_json())
+        if outcome.detector.method != "fbft" or prefix:
+            self.client.log_artifact(self.ids[0], str(saved), prefix.rstrip("/") or None)
+            return
+        import mlflow
+
+        from fbft import serving
+
+        mlflow.set_tracking_uri(self.context.tracking_uri)
+        with mlflow.start_run(run_id=self.ids[0]):
+            serving.log_model(
+                saved,
+                thresholds=outcome.thresholds,
+                name="model",
+                log_teacher=self.context.job.log_teacher,
+            )
+        self.client.update_run(self.ids[0], status="RUNNING")
+
+    def log_step(self, means: list[dict[str, float]], done: int) -> None:
+        from fbft import tracking
+
+        if len(self.cell.categories) > 1:  # running means, one step per category
+            for run_id, m in zip(self.ids, means, strict=True):
+                tracking.log_metrics(self.client, run_id, m, step=done)
+
+    def stopped(self, done: int, total: int) -> None:
+        for run_id in self.ids:
+            if done < total:
+                self.client.set_tag(run_id, "stopped_early", f"after {done} of {total} categories")
+            self.client.set_terminated(run_id, "FINISHED" if done == total else "KILLED")
+
+    def failed(self, err: BaseException, deterministic: bool) -> None:
+        from fbft import tracking
+
+        text = "".join(traceback.format_exception(err))
+        for run_id in self.ids:
+            tags = {ERROR_TAG: _one_line(err)}
+            if deterministic:
+                tags[INVOCATION_TAG + ".failed"] = self.context.invocation
+            tracking.set_tags(self.client, run_id, tags)
+            self.client.log_text(run_id, text, "error.txt")
+            self.client.set_terminated(run_id, "FAILED")
+
+    def finish(self) -> None:
+        for run_id in self.ids:
+            self.client.set_terminated(run_id, "FINISHED")
+
+
+def _teacher_tags(outcome: Outcome) -> dict[str, str]:
+    teacher = getattr(outcome.detector, "teacher", None)
+    if teacher is None:
+        return {}
+    device = getattr(outcome.detector, "device", "cpu")
+    return {"teacher_weights": teacher.weights_source, "device": str(device)}
