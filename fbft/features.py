@@ -5,7 +5,7 @@ and the SHA-256 of the image file's bytes, so trials that vary only student-side
 run the teacher again for an image it has seen. Layout under ``root/<teacher id>/``:
 ``teacher.json`` (identity), ``locks/NNN.lock`` (computing stripes) and per image
 ``entries/ab/<key>.npy`` (f_j and f_k stacked, shape (2, N, D), float32 or float16) with its
-sidecar ``<key>.json`` (shape, dtype, teacher ms, blake2b of the .npy). The teacher id hashes the
+sidecar ``<key>.json`` (shape, dtype, teacher ms, SHA-256 of the .npy). The teacher id hashes the
 identity with ``CACHE_VERSION``, so entries of other versions (the old ``.npz`` ones) live in
 other folders and are never read; ``prune`` deletes them.
 
@@ -47,7 +47,7 @@ import numpy as np
 
 CACHE_VERSION = 2
 LOCK_STRIPES = 256
-CHECKSUM = "blake2b"
+CHECKSUM = "sha256"
 DTYPES = ("float32", "float16")
 _verified: set[tuple[str, int, int, int]] = set()  # (path, inode, size, mtime) checked here
 
