@@ -96,9 +96,7 @@ class CacheReport:
 
     def __radd__(self, other: object) -> CacheReport:
         """``sum(reports)`` starts from 0."""
-        if other == 0:
-            return self
-        return NotImplemented
+        return self if other == 0 else NotImplemented
 
 
 class FeatureCache:
@@ -228,8 +226,7 @@ def teacher_tokens(
         chunk = samples[start : start + max(1, batch_size)]
         if cache is None:
             computed, _ = _compute(encode, [s.image for s in chunk], report)
-            out += [(a.astype(np.float32, copy=False), b.astype(np.float32, copy=False))
-                    for a, b in computed]  # fmt: skip
+            out += [(_f32(a), _f32(b)) for a, b in computed]
             continue
         keys = [content_hash(s.path) for s in chunk]
         found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -279,6 +276,10 @@ def _compute(
     report.passes += len(images)
     report.teacher_ms += [per_image_ms] * len(images)
     return tokens, per_image_ms
+
+
+def _f32(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float32, copy=False)
 
 
 def _host(array: Any) -> np.ndarray:
@@ -338,6 +339,11 @@ def prune(
         if meta.get("cache_version") != CACHE_VERSION and _matches(tdir, meta, teacher):
             result.freed_bytes += _tree_bytes(tdir)
             shutil.rmtree(tdir, ignore_errors=True)
+    for tmp in root.glob("*/entries/*/.*.tmp*"):  # left by writers that crashed a day ago
+        with contextlib.suppress(OSError):
+            if tmp.stat().st_mtime < time.time() - 86400:
+                result.freed_bytes += tmp.stat().st_size
+                tmp.unlink()
     entries = sorted(_entries(root, teacher))  # oldest use first
     total = sum(e[1] for e in _entries(root))
     cutoff = time.time() - 86400 * older_than_days if older_than_days is not None else None
@@ -346,11 +352,8 @@ def prune(
         if not (everything or (cutoff and used < cutoff) or (limit is not None and total > limit)):
             continue
         if _evict(npy, side):
-            result.removed, result.freed_bytes, total = (
-                result.removed + 1,
-                result.freed_bytes + size,
-                total - size,
-            )
+            result.removed, result.freed_bytes = result.removed + 1, result.freed_bytes + size
+            total -= size
         else:
             result.busy += 1
     return result
@@ -383,17 +386,17 @@ def info(root: str | os.PathLike[str]) -> dict[str, Any]:
              "last_used": max((e[0] for e in entries), default=None)}
         )  # fmt: skip
     free = shutil.disk_usage(root).free if root.exists() else None
-    return {
-        "root": str(root),
-        "teachers": teachers,
-        "entries": sum(t["entries"] for t in teachers),
-        "bytes": sum(t["bytes"] for t in teachers),
-        "free_bytes": free,
-    }
+    total = {k: sum(t[k] for t in teachers) for k in ("entries", "bytes")}
+    return {"root": str(root), "teachers": teachers, **total, "free_bytes": free}
 
 
 def _tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes of the files under ``path`` (files deleted meanwhile count 0)."""
+    total = 0
+    for p in path.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += p.stat().st_size if p.is_file() else 0
+    return total
 
 
 def _raise_fd_limit() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -128,15 +129,22 @@ def _flip(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", [_truncate, _empty, _flip])
-def test_corrupt_entry_is_named_deleted_and_recomputed(tmp_path: Path, damage) -> None:
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (_truncate, r"bytes, expected \d+ \(truncated"),
+        (_empty, "unreadable .npy header"),
+        (_flip, "checksum mismatch"),
+    ],
+)
+def test_corrupt_entry_is_named_deleted_and_recomputed(tmp_path: Path, damage, reason) -> None:
     samples = make_samples(tmp_path / "img", [1, 2])
     cache, teacher = FeatureCache(tmp_path / "c", IDENTITY), Teacher()
     teacher_tokens(samples, teacher, cache, 2)
     npy = cache.paths(features.content_hash(samples[1].path))[0]
     damage(npy)
     features._verified.clear()  # as a new process would
-    with pytest.warns(UserWarning, match=str(npy)):
+    with pytest.warns(UserWarning, match=f"{re.escape(str(npy))}: .*{reason}"):
         tokens, report = teacher_tokens(samples, teacher, cache, 2)
     check(tokens, [1, 2])
     assert (report.recomputed_corrupt, report.passes, report.reused, teacher.seen) == (1, 1, 1, 3)
@@ -242,3 +250,15 @@ def test_reports_add_up() -> None:
     b = CacheReport(reused=3, teacher_ms=[1.0], recomputed_corrupt=1)
     assert a + b == CacheReport(1, 3, [2.0, 1.0], 1, 1, 0.0)
     assert sum([a, b]) == a + b
+
+
+def test_prune_sweeps_temporary_files_of_crashed_writers(tmp_path: Path) -> None:
+    cache = FeatureCache(tmp_path / "c", IDENTITY)
+    folder = cache.dir / "entries" / "ab"
+    folder.mkdir(parents=True)
+    stale, fresh = folder / ".abab.host-1-x.tmp.npy", folder / ".abab.host-2-y.tmp.npy"
+    for path in (stale, fresh):
+        path.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)
+    assert prune(tmp_path / "c").freed_bytes == 7
+    assert (stale.exists(), fresh.exists()) == (False, True)  # a fresh one may be being written
