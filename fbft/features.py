@@ -49,6 +49,7 @@ CACHE_VERSION = 2
 LOCK_STRIPES = 256
 CHECKSUM = "sha256"
 DTYPES = ("float32", "float16")
+_SIDECAR_KEYS = {"shape", "dtype", "digest", "teacher_ms"}
 _verified: set[tuple[str, int, int, int]] = set()  # (path, inode, size, mtime) checked here
 
 
@@ -136,6 +137,9 @@ class FeatureCache:
             return None
         except (ValueError, OSError) as error:
             raise CorruptEntry(f"{side}: unreadable sidecar ({error})") from error
+        if not isinstance(meta, dict) or not meta.keys() >= _SIDECAR_KEYS:
+            f.close()
+            raise CorruptEntry(f"{side}: unreadable sidecar (lacks {sorted(_SIDECAR_KEYS)})")
         with f:
             fcntl.flock(f, fcntl.LOCK_SH)
             st = os.fstat(f.fileno())

@@ -152,12 +152,13 @@ def test_corrupt_entry_is_named_deleted_and_recomputed(tmp_path: Path, damage, r
     assert (report.reused, report.recomputed_corrupt) == (2, 0)
 
 
-def test_unreadable_sidecar_is_corruption_too(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", ["{not json", '{"shape": [2, 6, 5]}', "[]"])
+def test_unreadable_sidecar_is_corruption_too(tmp_path: Path, text: str) -> None:
     samples = make_samples(tmp_path / "img", [1])
     cache = FeatureCache(tmp_path / "c", IDENTITY)
     teacher_tokens(samples, Teacher(), cache, 1)
     side = cache.paths(features.content_hash(samples[0].path))[1]
-    side.write_text("{not json")
+    side.write_text(text)
     with pytest.warns(UserWarning, match="unreadable sidecar"):
         tokens, report = teacher_tokens(samples, Teacher(), cache, 1)
     check(tokens, [1])
