@@ -1,10 +1,28 @@
-"""Teacher-feature cache: content-addressed on disk and shared by every trial of every study.
+"""Teacher-token cache: content-addressed, memory-mapped, bounded, self-healing.
 
-An entry is keyed by the teacher's identity (backbone, weights, image size, blocks, precision)
-and the SHA-256 of the image file's bytes, so trials that vary only student-side settings
-(shots, seeds, loss, lr, epochs, fusion) never run the teacher again for an image it has seen.
-Writes are atomic (temporary file + ``os.replace``) and an image being computed is locked, so
-parallel trials wait for one teacher pass instead of running their own.
+An entry is keyed by the teacher's identity (its ``describe()``: everything that changes tokens)
+and the SHA-256 of the image file's bytes, so trials that vary only student-side settings never
+run the teacher again for an image it has seen. Layout under ``root/<teacher id>/``:
+``teacher.json`` (identity), ``locks/NNN.lock`` (computing stripes) and per image
+``entries/ab/<key>.npy`` (f_j and f_k stacked, shape (2, N, D), float32 or float16) with its
+sidecar ``<key>.json`` (shape, dtype, teacher ms, SHA-256 of the .npy). The teacher id hashes the
+identity with ``CACHE_VERSION``, so entries of other versions (the old ``.npz`` ones) live in
+other folders and are never read; ``prune`` deletes them.
+
+Rules that make concurrent trials safe:
+- Writes are atomic: the .npy is written to a temporary name and ``os.replace``d, the sidecar
+  last; an entry exists only once its sidecar does.
+- Computing: a trial holds the exclusive stripe locks of a batch's keys (taken in sorted order)
+  while it looks up, computes and stores them, so parallel trials wait for one teacher pass.
+- Reading: every returned array is a view of a read-only memmap whose file descriptor holds a
+  shared ``flock`` on the entry's .npy. The lock lives exactly as long as the memmap (and any
+  view of it): a trial "is reading" an entry until it drops the arrays. Nothing to release.
+- Eviction (``max_gb``, ``prune``) takes exclusive *non-blocking* locks and skips busy entries;
+  it takes no stripe lock. Since nothing ever blocks while holding an entry lock, and stripe
+  locks are only awaited by holders of no entry lock other than their own, no cycle can form.
+- Corruption (truncated, emptied, flipped byte) is caught by the size check on every open and
+  the checksum on first use per process; the entry is named in a warning, deleted, recomputed.
+LRU order is the sidecar's mtime, touched (``os.utime``) on every read.
 """
 
 from __future__ import annotations
@@ -14,20 +32,39 @@ import fcntl
 import hashlib
 import json
 import os
+import resource
+import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
-import torch
 
-from fbft.model import FBFT
-
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 LOCK_STRIPES = 256
+CHECKSUM = "sha256"
+DTYPES = ("float32", "float16")
+_SIDECAR_KEYS = {"shape", "dtype", "digest", "teacher_ms"}
+_verified: set[tuple[str, int, int, int]] = set()  # (path, inode, size, mtime) checked here
+
+
+class HasPathAndImage(Protocol):
+    path: str
+
+    @property
+    def image(self) -> np.ndarray: ...
+
+
+Encode = Callable[[list[np.ndarray]], Sequence[tuple[Any, Any]]]
+
+
+class CorruptEntry(Exception):
+    """A cache entry whose bytes do not match its sidecar."""
 
 
 def default_cache_dir() -> Path:
@@ -40,122 +77,342 @@ def default_cache_dir() -> Path:
 
 def content_hash(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass
-class CacheStats:
-    """Teacher passes run and cache entries reused by one caller."""
+class CacheReport:
+    """What one ``teacher_tokens`` call did; reports add up (``a + b``, ``sum(reports, ...)``)."""
 
     passes: int = 0
     reused: int = 0
     teacher_ms: list[float] = field(default_factory=list)
+    recomputed_corrupt: int = 0
+    evicted: int = 0
+    verify_ms: float = 0.0
+
+    def __add__(self, other: CacheReport) -> CacheReport:
+        return CacheReport(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def __radd__(self, other: object) -> CacheReport:
+        """``sum(reports)`` starts from 0."""
+        return self if other == 0 else NotImplemented
 
 
 class FeatureCache:
-    """Teacher tokens of image files for one teacher, under ``root/<teacher id>/``."""
+    """Teacher tokens of image files for one teacher identity, under ``root/<teacher id>/``."""
 
-    def __init__(self, root: str | os.PathLike[str], model: FBFT) -> None:
-        identity = {**model.teacher.describe(), "precision": model.config.precision}
-        identity["cache_version"] = CACHE_VERSION
-        text = json.dumps(identity, sort_keys=True)
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        identity: Mapping[str, Any],
+        dtype: str = "float32",
+        max_gb: float | None = None,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"cache dtype must be one of {DTYPES}, not {dtype!r}")
+        self.root = Path(root).expanduser().resolve()
+        self.dtype, self.max_gb = np.dtype(dtype), max_gb
+        described = {**identity, "dtype": dtype, "cache_version": CACHE_VERSION}
+        text = json.dumps(described, sort_keys=True, default=str)
         self.teacher_id = hashlib.sha256(text.encode()).hexdigest()[:20]
-        self.dir = Path(root).expanduser().resolve() / self.teacher_id
+        self.dir = self.root / self.teacher_id
         (self.dir / "locks").mkdir(parents=True, exist_ok=True)
-        description = self.dir / "teacher.json"
-        if not description.exists():
-            _atomic_write_bytes(description, (text + "\n").encode())
+        if not (self.dir / "teacher.json").exists():
+            _atomic_write(self.dir / "teacher.json", (text + "\n").encode())
 
-    def entry(self, key: str) -> Path:
-        return self.dir / key[:2] / f"{key}.npz"
+    def paths(self, key: str) -> tuple[Path, Path]:
+        """(.npy, sidecar .json) of an entry."""
+        stem = self.dir / "entries" / key[:2] / key
+        return stem.with_suffix(".npy"), stem.with_suffix(".json")
 
-    def load(self, key: str) -> tuple[np.ndarray, np.ndarray, float] | None:
-        """(f_j, f_k, teacher ms) of a cached image, or None."""
-        path = self.entry(key)
-        if not path.exists():
+    def open(self, key: str) -> tuple[np.ndarray, np.ndarray, float] | None:
+        """(f_j, f_k, teacher ms) as read-locked memmaps, or None; raises CorruptEntry."""
+        npy, side = self.paths(key)
+        try:
+            meta = json.loads(side.read_bytes())
+            f = open(npy, "rb")  # noqa: SIM115 - its descriptor outlives this call in the memmap
+        except FileNotFoundError:
             return None
-        with np.load(path) as data:
-            tokens = data["tokens"]
-            return tokens[0], tokens[1], float(data["teacher_ms"])
+        except (ValueError, OSError) as error:
+            raise CorruptEntry(f"{side}: unreadable sidecar ({error})") from error
+        if not isinstance(meta, dict) or not meta.keys() >= _SIDECAR_KEYS:
+            f.close()
+            raise CorruptEntry(f"{side}: unreadable sidecar (lacks {sorted(_SIDECAR_KEYS)})")
+        with f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            st = os.fstat(f.fileno())
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(npy).st_ino == st.st_ino and side.exists():
+                    tokens = self._map(f, npy, meta, st)
+                    os.utime(side)
+                    return tokens[0], tokens[1], float(meta["teacher_ms"])
+        return None  # evicted or replaced between the lookup and the lock
 
-    def store(self, key: str, f_j: np.ndarray, f_k: np.ndarray, teacher_ms: float) -> None:
-        path = self.entry(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{_unique()}.tmp.npz")
-        np.savez(tmp, tokens=np.stack([f_j, f_k]), teacher_ms=np.float64(teacher_ms))
-        os.replace(tmp, path)
+    def _map(self, f: Any, npy: Path, meta: dict[str, Any], st: os.stat_result) -> np.memmap:
+        """Memmap of an open, locked entry file after checking it against its sidecar."""
+        try:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0}
+            shape, fortran, dtype = read.get(version, np.lib.format.read_array_header_2_0)(f)
+        except (ValueError, OSError, EOFError) as error:
+            raise CorruptEntry(f"{npy}: unreadable .npy header ({error})") from error
+        expected = f.tell() + int(np.prod(shape)) * dtype.itemsize
+        if list(shape) != meta["shape"] or str(dtype) != meta["dtype"] or fortran:
+            raise CorruptEntry(f"{npy}: header {shape} {dtype} does not match its sidecar")
+        if st.st_size != expected:
+            raise CorruptEntry(f"{npy}: {st.st_size} bytes, expected {expected} (truncated?)")
+        stamp = (str(npy), st.st_ino, st.st_size, st.st_mtime_ns)
+        if stamp not in _verified:
+            offset = f.tell()
+            f.seek(0)
+            if hashlib.file_digest(f, CHECKSUM).hexdigest() != meta["digest"]:
+                raise CorruptEntry(f"{npy}: {CHECKSUM} checksum mismatch (bytes changed)")
+            _verified.add(stamp)
+            f.seek(offset)
+        return np.memmap(f, dtype, "r", f.tell(), tuple(shape))
+
+    def store(self, key: str, f_j: np.ndarray, f_k: np.ndarray, teacher_ms: float) -> np.memmap:
+        """Write an entry atomically; returns its read-locked memmap (taken before publishing,
+        so an eviction cannot remove it before the caller uses it)."""
+        npy, side = self.paths(key)
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        tmp = npy.with_name(f".{key}.{_unique()}.tmp.npy")
+        np.save(tmp, np.stack([f_j, f_k]).astype(self.dtype, copy=False))
+        with open(tmp, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            meta = {"shape": [2, *f_j.shape], "dtype": self.dtype.name, "created": time.time()}
+            meta.update(digest=hashlib.file_digest(f, CHECKSUM).hexdigest(), teacher_ms=teacher_ms)
+            f.seek(0)
+            st = os.fstat(f.fileno())
+            _verified.add((str(npy), st.st_ino, st.st_size, st.st_mtime_ns))
+            tokens = self._map(f, npy, meta, st)
+            os.replace(tmp, npy)
+        _atomic_write(side, json.dumps(meta).encode())
+        return tokens
+
+    def discard(self, key: str) -> None:
+        """Delete an entry (sidecar first, so it disappears before its data)."""
+        for path in self.paths(key)[::-1]:
+            path.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def locked(self, keys: Sequence[str]) -> Iterator[None]:
-        """Hold the lock stripes of ``keys`` (taken in a fixed order: no deadlock)."""
-        stripes = sorted({int(k[:2], 16) % LOCK_STRIPES for k in keys})
-        handles = []
-        try:
-            for stripe in stripes:
-                handle = open(self.dir / "locks" / f"{stripe:03d}.lock", "a+b")  # noqa: SIM115
+        """Hold the computing stripes of ``keys`` (taken in sorted order: no deadlock)."""
+        with contextlib.ExitStack() as stack:
+            for stripe in sorted({int(k[:2], 16) % LOCK_STRIPES for k in keys}):
+                path = self.dir / "locks" / f"{stripe:03d}.lock"
+                handle = stack.enter_context(open(path, "a+b"))
                 fcntl.flock(handle, fcntl.LOCK_EX)
-                handles.append(handle)
             yield
-        finally:
-            for handle in reversed(handles):
-                fcntl.flock(handle, fcntl.LOCK_UN)
-                handle.close()
+
+    def enforce_limit(self) -> int:
+        """Evict least-recently-used idle entries (whole root) beyond ``max_gb``; count."""
+        return 0 if self.max_gb is None else prune(self.root, max_gb=self.max_gb).removed
 
 
 def teacher_tokens(
-    model: FBFT,
-    paths: Sequence[str],
-    load_image,
+    samples: Sequence[HasPathAndImage],
+    encode: Encode,
     cache: FeatureCache | None,
-    stats: CacheStats,
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Tokens of every image file, from the cache where present, else one teacher pass each.
+    batch_size: int,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], CacheReport]:
+    """Tokens of every image, from the cache where present, else one teacher pass each.
 
-    ``load_image(i)`` decodes image ``i`` (only called on a cache miss).
+    ``sample.image`` is only decoded on a miss. With a cache the arrays are read-only memmaps
+    of the entries, read-locked until dropped; without, in-memory float32 arrays.
     """
-    out: list[tuple[np.ndarray, np.ndarray]] = []
-    step = model.config.batch_size
-    for start in range(0, len(paths), step):
-        idx = list(range(start, min(start + step, len(paths))))
+    report, out = CacheReport(), []
+    if cache is not None:
+        _raise_fd_limit()
+    for start in range(0, len(samples), max(1, batch_size)):
+        chunk = samples[start : start + max(1, batch_size)]
         if cache is None:
-            out += _compute(model, [load_image(i) for i in idx], stats)[0]
+            computed, _ = _compute(encode, [s.image for s in chunk], report)
+            out += [(_f32(a), _f32(b)) for a, b in computed]
             continue
-        keys = [content_hash(paths[i]) for i in idx]
+        keys = [content_hash(s.path) for s in chunk]
+        found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         with cache.locked(keys):
-            found = {i: cache.load(k) for i, k in zip(idx, keys, strict=True)}
-            missing = [i for i in idx if found[i] is None]
+            for key in dict.fromkeys(keys):
+                entry = _lookup(cache, key, report)
+                if entry is not None:
+                    found[key] = entry[:2]
+                    report.reused += keys.count(key)
+                    report.teacher_ms += [entry[2]] * keys.count(key)
+            missing = [k for k in dict.fromkeys(keys) if k not in found]
             if missing:
-                computed, per_image_ms = _compute(model, [load_image(i) for i in missing], stats)
-                for i, (f_j, f_k) in zip(missing, computed, strict=True):
-                    cache.store(keys[i - start], f_j, f_k, per_image_ms)
-                    found[i] = (f_j, f_k, per_image_ms)
-        for i in idx:
-            f_j, f_k, ms = found[i]
-            out.append((f_j, f_k))
-            if i not in missing:
-                stats.reused += 1
-                stats.teacher_ms.append(ms)
-    return out
+                images = [chunk[keys.index(k)].image for k in missing]
+                computed, ms = _compute(encode, images, report)
+                for key, (f_j, f_k) in zip(missing, computed, strict=True):
+                    stored = cache.store(key, f_j, f_k, ms)
+                    found[key] = (stored[0], stored[1])
+        out += [found[k] for k in keys]
+        if missing:
+            report.evicted += cache.enforce_limit()
+    return out, report
+
+
+def _lookup(
+    cache: FeatureCache, key: str, report: CacheReport
+) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """An entry, or None after warning about, deleting and counting a corrupt one."""
+    start = time.perf_counter()
+    try:
+        return cache.open(key)
+    except CorruptEntry as error:
+        warnings.warn(f"corrupt teacher-token cache entry, recomputing: {error}", stacklevel=3)
+        cache.discard(key)
+        report.recomputed_corrupt += 1
+        return None
+    finally:
+        report.verify_ms += 1000 * (time.perf_counter() - start)
 
 
 def _compute(
-    model: FBFT, images: list[np.ndarray], stats: CacheStats
+    encode: Encode, images: list[np.ndarray], report: CacheReport
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
+    """Run the teacher; the time includes the copy to host memory (which syncs a GPU)."""
     start = time.perf_counter()
-    tokens = [(a.numpy(), b.numpy()) for a, b in model.teacher_tokens(images)]
+    tokens = [(_host(a), _host(b)) for a, b in encode(images)]
     per_image_ms = 1000 * (time.perf_counter() - start) / max(1, len(images))
-    stats.passes += len(images)
-    stats.teacher_ms += [per_image_ms] * len(images)
+    report.passes += len(images)
+    report.teacher_ms += [per_image_ms] * len(images)
     return tokens, per_image_ms
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _f32(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float32, copy=False)
+
+
+def _host(array: Any) -> np.ndarray:
+    """A numpy array of a numpy array or a (device) tensor, without importing torch."""
+    return array if isinstance(array, np.ndarray) else array.detach().cpu().numpy()
+
+
+@dataclass
+class PruneResult:
+    removed: int = 0
+    freed_bytes: int = 0
+    busy: int = 0
+
+
+def _entries(root: Path, teacher: str | None = None) -> list[tuple[float, int, Path, Path]]:
+    """(last use, bytes, .npy, sidecar) of every current-version entry under ``root``."""
+    found = []
+    for tdir, meta in _teachers(root):
+        if meta.get("cache_version") != CACHE_VERSION or not _matches(tdir, meta, teacher):
+            continue
+        for side in tdir.glob("entries/*/*.json"):
+            npy = side.with_suffix(".npy")
+            with contextlib.suppress(FileNotFoundError):
+                st = side.stat()
+                size = st.st_size + (npy.stat().st_size if npy.exists() else 0)
+                found.append((st.st_mtime, size, npy, side))
+    return found
+
+
+def _teachers(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Teacher folders under ``root`` with their identity ({} when missing or unreadable)."""
+    out = []
+    for tdir in sorted(p for p in Path(root).glob("*") if p.is_dir()):
+        try:
+            out.append((tdir, json.loads((tdir / "teacher.json").read_bytes())))
+        except (OSError, ValueError):
+            out.append((tdir, {}))
+    return out
+
+
+def _matches(tdir: Path, meta: Mapping[str, Any], teacher: str | None) -> bool:
+    return teacher is None or tdir.name.startswith(teacher) or meta.get("backbone") == teacher
+
+
+def prune(
+    root: str | os.PathLike[str],
+    max_gb: float | None = None,
+    older_than_days: float | None = None,
+    teacher: str | None = None,
+    everything: bool = False,
+) -> PruneResult:
+    """Remove idle entries: all (``everything``), unused for ``older_than_days``, and then the
+    least recently used until the root holds at most ``max_gb``. Entries being read are
+    skipped. Folders of other cache versions (never readable) are deleted whole."""
+    root, result = Path(root).expanduser().resolve(), PruneResult()
+    for tdir, meta in _teachers(root):
+        if meta.get("cache_version") != CACHE_VERSION and _matches(tdir, meta, teacher):
+            result.freed_bytes += _tree_bytes(tdir)
+            shutil.rmtree(tdir, ignore_errors=True)
+    for tmp in root.glob("*/entries/*/.*.tmp*"):  # left by writers that crashed a day ago
+        with contextlib.suppress(OSError):
+            if tmp.stat().st_mtime < time.time() - 86400:
+                result.freed_bytes += tmp.stat().st_size
+                tmp.unlink()
+    entries = sorted(_entries(root, teacher))  # oldest use first
+    total = sum(e[1] for e in _entries(root))
+    cutoff = time.time() - 86400 * older_than_days if older_than_days is not None else None
+    limit = None if max_gb is None else max_gb * 1e9
+    for used, size, npy, side in entries:
+        if not (everything or (cutoff and used < cutoff) or (limit is not None and total > limit)):
+            continue
+        if _evict(npy, side):
+            result.removed, result.freed_bytes = result.removed + 1, result.freed_bytes + size
+            total -= size
+        else:
+            result.busy += 1
+    return result
+
+
+def _evict(npy: Path, side: Path) -> bool:
+    """Delete an entry unless someone reads it (exclusive non-blocking lock on its .npy)."""
+    try:
+        with open(npy, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            side.unlink(missing_ok=True)
+            npy.unlink(missing_ok=True)
+    except BlockingIOError:
+        return False
+    except FileNotFoundError:
+        side.unlink(missing_ok=True)
+    return True
+
+
+def info(root: str | os.PathLike[str]) -> dict[str, Any]:
+    """Entries, bytes and identity per teacher folder, and the free disk of ``root``."""
+    root = Path(root).expanduser().resolve()
+    teachers = []
+    for tdir, meta in _teachers(root):
+        current = meta.get("cache_version") == CACHE_VERSION
+        entries = _entries(root, tdir.name) if current else []
+        teachers.append(
+            {"id": tdir.name, "identity": meta, "current": current, "entries": len(entries),
+             "bytes": _tree_bytes(tdir),
+             "last_used": max((e[0] for e in entries), default=None)}
+        )  # fmt: skip
+    free = shutil.disk_usage(root).free if root.exists() else None
+    total = {k: sum(t[k] for t in teachers) for k in ("entries", "bytes")}
+    return {"root": str(root), "teachers": teachers, **total, "free_bytes": free}
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (files deleted meanwhile count 0)."""
+    total = 0
+    for p in path.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += p.stat().st_size if p.is_file() else 0
+    return total
+
+
+def _raise_fd_limit() -> None:
+    """Each memmapped entry holds one file descriptor: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{_unique()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
