@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import socket
 from pathlib import Path
@@ -11,17 +10,13 @@ from pathlib import Path
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
+from tiny import tiny_flags
 
 from fbft.data.synthetic import generate
-from fbft.metrics import metric_keys
+from fbft.metrics import metric_keys, official_keys
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
-TINY = [
-    "--backbone", "vit_small_patch14_reg4_dinov2",
-    "--backbone-kwargs", json.dumps({"depth": 4, "embed_dim": 48, "num_heads": 2}),
-    "--image-size", "56", "--layers", "2,4", "--epochs", "2", "--weights", "random",
-    "--pictures", "2",
-]  # fmt: skip
+TINY = [*tiny_flags(), "--pictures", "2"]
 
 
 def load_study(name: str):
@@ -67,80 +62,105 @@ def test_few_shot_study_logs_one_parent_and_a_child_per_trial(workdir, capsys):
     assert run(workdir, "few_shot", "--shots", "2", "3", experiment="few") == 0
     out = capsys.readouterr().out
     assert "| shots | I-AUROC | AUPRO@30% | AUPRO@5% | Q1 AUPRO@5% | ρ@5% | trials |" in out
+    assert "official AUPRO protocol (99 thresholds)" in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out and "preset      cpu" in out
+    assert "Traceback" not in out
     client, parents, children = runs_of(workdir, "few")
     assert len(parents) == 1 and len(children) == 4  # 2 categories × 2 shot counts
     parent = parents[0]
     assert parent.info.status == "FINISHED" and "--shots" in parent.data.params["command"]
+    assert "| shots |" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.metrics["trials_done"] == 4 and parent.data.metrics["student_fits"] == 4
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "summary.md",
         "trials.csv",
         "summary.png",
     }
+    experiment = client.get_experiment_by_name("few")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.artifact_location.startswith((workdir / "mlartifacts").as_uri())
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.info.status == "FINISHED"
-        assert set(metric_keys()) <= set(child.data.metrics)
-        assert {"fit_seconds", "teacher_ms", "students_ms", "maps_ms", "teacher_passes"} <= set(
+        assert set(metric_keys()) | set(official_keys()) <= set(child.data.metrics)
+        assert {"time/fit_seconds", "time/teacher_ms", "cache/teacher_passes"} <= set(
             child.data.metrics
         )
-        tags = child.data.tags
+        assert child.data.metrics["student_fits"] == 1
+        tags, params = child.data.tags, child.data.params
         assert tags["teacher_weights"] == "random" and tags["preset"] == "cpu"
-        assert tags["category"] in ("gravel", "parts") and tags["shots"] in ("2", "3")
-        assert tags["device"] == "cpu"
-        assert child.data.params["config.layers"] == "[2, 4]"
+        assert tags["category"] in ("gravel", "parts") and tags["method"] == "fbft"
+        assert tags["category"] in child.info.run_name and "shots=" in child.info.run_name
+        assert params["shots"] in ("2", "3") and params["config.layers"] == "2,4"
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"pro_curve.png", "quartiles.png", "students.pt"} <= names
-        assert any(n.startswith("map_") for n in names)
+        assert {"pro_curve.png", "quartiles.png", "model", "maps"} <= names
+        history = client.get_metric_history(child.info.run_id, "train_loss")
+        assert [m.step for m in history] == [1, 2]
     summaries = list((workdir / "ray_results").glob("few-shot-*/summary/summary.md"))
     assert len(summaries) == 1 and "| shots |" in summaries[0].read_text()
-    # one teacher pass per distinct image in the whole study: 3 train (2 ⊂ 3) + 6 test per category
-    assert sum(c.data.metrics["teacher_passes"] for c in children) == 2 * (3 + 6)
+    # one teacher pass per distinct image: 5 train (training or calibration) + 6 test per category
+    assert parent.data.metrics["teacher_passes"] == 2 * (5 + 6)
 
 
 def test_a_second_identical_study_runs_no_teacher_pass(workdir):
     assert run(workdir, "few_shot", "--shots", "2", "3", experiment="few") == 0
     _, parents, children = runs_of(workdir, "few")
     assert len(parents) == 2
-    newest = max(parents, key=lambda r: r.info.start_time).info.run_id
-    mine = [c for c in children if c.data.tags["mlflow.parentRunId"] == newest]
-    assert len(mine) == 4
-    assert all(c.data.metrics["teacher_passes"] == 0 for c in mine)
-    assert all(c.data.metrics["teacher_reused"] > 0 for c in mine)
+    newest = max(parents, key=lambda r: r.info.start_time)
+    mine = [c for c in children if c.data.tags["mlflow.parentRunId"] == newest.info.run_id]
+    assert len(mine) == 4 and newest.data.metrics["teacher_passes"] == 0
+    assert all(c.data.metrics["cache/teacher_reused"] > 0 for c in mine)
 
 
-def test_a_failing_trial_is_reported_not_fatal(workdir, capsys):
+def test_a_failing_trial_is_reported_once_not_fatal(workdir, capsys):
     shutil.copytree(workdir / "data", workdir / "broken")
     victim = sorted((workdir / "broken" / "parts" / "test" / "good").glob("*.png"))[0]
     victim.write_bytes(b"not an image")
     assert run(workdir, "few_shot", "--shots", "2", data="broken", experiment="broken") == 1
     out = capsys.readouterr().out
     assert "1 trial(s) failed" in out and "CorruptImageError" in out and str(victim) in out
-    _, parents, children = runs_of(workdir, "broken")
+    assert "Traceback" not in out
+    client, parents, children = runs_of(workdir, "broken")
     assert parents[0].info.status == "FINISHED"
     by_category = {c.data.tags["category"]: c for c in children}
-    assert len(children) == 2  # the failed trial was retried in the same child run
-    assert by_category["parts"].info.status == "FAILED"
-    assert "CorruptImageError" in by_category["parts"].data.tags["error"]
+    assert len(children) == 2
+    failed = by_category["parts"]
+    assert failed.info.status == "FAILED" and "CorruptImageError" in failed.data.tags["error"]
+    assert "error.txt" in {a.path for a in client.list_artifacts(failed.info.run_id)}
     assert by_category["gravel"].info.status == "FINISHED"
 
 
+def test_fusion_variants_come_from_one_fit_and_equal_a_single_fusion_study(workdir, capsys):
+    flags = ["--categories", "gravel"]
+    assert run(workdir, "fusion", *flags, "--fusions", "product", "sum", "j", "k", experiment="f4") == 0
+    out = capsys.readouterr().out
+    _, parents, children = runs_of(workdir, "f4")
+    assert parents[0].data.metrics["student_fits"] == 1 and len(children) == 4
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "fusion" not in line]
+    assert len(rows) == 4
+    assert run(workdir, "fusion", *flags, "--fusions", "sum", experiment="f1") == 0
+    _, _, alone = runs_of(workdir, "f1")
+    together = next(c for c in children if c.data.params["fusion"] == "sum")
+    for key in ("aupro_5", "official_aupro_30", "i_auroc", "p_auroc"):
+        assert together.data.metrics[key] == alone[0].data.metrics[key]
+
+
 @pytest.mark.parametrize(
-    ("study", "flags", "trials"),
+    ("study", "flags", "runs"),
     [
         ("layers", ["--pairs", "1,4", "2,4", "--maps", "product", "k"], 4),
         ("resolution", ["--sizes", "28", "56"], 2),
         ("losses", ["--losses", "l2", "--distances", "l2", "cosine"], 2),
-        ("fusion", ["--fusions", "sum", "j"], 2),
+        ("benchmark", ["--methods", "fbft", "patchcore", "spade", "--sizes", "56"], 3),
         ("search", ["--num-samples", "2", "--asha"], 2),
     ],
 )
-def test_every_study_runs_on_tiny_settings(workdir, study, flags, trials, capsys):
+def test_every_study_runs_on_tiny_settings(workdir, study, flags, runs, capsys):
     categories = ["--categories", "gravel"] if study != "search" else []
     assert run(workdir, study, *categories, *flags, experiment=study) == 0
     assert "| " in capsys.readouterr().out
     _, parents, children = runs_of(workdir, study)
-    assert len(parents) == 1 and len(children) == trials
+    assert len(parents) == 1 and len(children) == runs
     if study == "search":  # both categories per trial (unless ASHA stopped it after the first)
         assert all("gravel/aupro_5" in c.data.metrics for c in children)
         assert all({"config.lr", "config.layers"} <= set(c.data.params) for c in children)
@@ -150,6 +170,9 @@ def test_every_study_runs_on_tiny_settings(workdir, study, flags, trials, capsys
             assert stopped or "parts/aupro_5" in child.data.metrics
     else:
         assert all(c.info.status == "FINISHED" for c in children)
+    if study == "benchmark":  # one teacher pass per distinct image serves every method
+        assert {c.data.tags["method"] for c in children} == {"fbft", "patchcore", "spade"}
+        assert parents[0].data.metrics["teacher_passes"] == 5 + 6
 
 
 @pytest.mark.parametrize(
@@ -160,11 +183,37 @@ def test_every_study_runs_on_tiny_settings(workdir, study, flags, trials, capsys
         (["--layers", "3,9"], "between 1 and 4"),
         (["--image-size", "50"], "42 or 56"),
         (["--weights", "/no/such.pth"], "/no/such.pth"),
+        (["--cpus-per-trial", "3"], "--cpus-per-trial 3"),
+        (["--backbone", "resnet18"], "resnet18"),
     ],
 )
 def test_bad_inputs_stop_before_any_trial(workdir, flags, message, capsys):
     assert run(workdir, "few_shot", *flags, experiment="bad") == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shots", ["0", "-3", "many"])
+def test_shots_must_be_positive_or_full(workdir, shots, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run(workdir, "few_shot", "--shots", shots, experiment="bad")
+    assert exit_.value.code == 2 and "positive number of images" in capsys.readouterr().err
+
+
+def test_a_typo_in_an_axis_name_fails_at_declaration():
+    from fbft.study import Axis
+
+    with pytest.raises(ValueError, match="fusoin"):
+        Axis("fusoin", "--fusions", ("sum",), "typo")
+
+
+def test_resume_refuses_changed_options(workdir, capsys):
+    assert run(workdir, "few_shot", "--shots", "2", "--categories", "gravel", experiment="re") == 0
+    name = next((workdir / "ray_results").glob("few-shot-*/fbft_study.json")).parent.name
+    code = run(workdir, "few_shot", "--shots", "3", "--categories", "gravel",
+               "--resume", name, experiment="re")  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "differ" in err and "shots" in err
 
 
 def test_unreachable_tracking_server_and_unreadable_data_are_clear_errors(workdir, capsys):
@@ -174,11 +223,14 @@ def test_unreachable_tracking_server_and_unreadable_data_are_clear_errors(workdi
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert (
-        main(study, ["--data", str(workdir / "data"), "--tracking-uri", f"http://127.0.0.1:{port}"])
-        == 2
-    )
-    assert "does not answer" in capsys.readouterr().err
+    argv = ["--data", str(workdir / "data"), "--tracking-uri", f"http://u:secret@127.0.0.1:{port}"]
+    assert main(study, argv) == 2
+    err = capsys.readouterr().err
+    assert "does not answer" in err and "secret" not in err
     (workdir / "empty").mkdir()
     assert main(study, ["--data", str(workdir / "empty")]) == 2
     assert "cannot recognise the dataset layout" in capsys.readouterr().err
+    (workdir / "not-a-store.db").write_text("hello")
+    argv = ["--data", str(workdir / "data"), "--tracking-uri", f"sqlite:///{workdir}/not-a-store.db"]
+    assert main(study, argv) == 2
+    assert "not a usable MLflow store" in capsys.readouterr().err

@@ -1,8 +1,8 @@
-"""A study interrupted after some trials resumes with --resume: every trial once in MLflow."""
+"""Studies as separate processes: Ctrl-C never reads as success and --resume finishes the study
+with every trial once; two studies started together on a fresh store both finish."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -11,47 +11,69 @@ from collections import Counter
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+from tiny import tiny_flags
 
 from fbft.data.synthetic import generate
 
 SCRIPT = Path(__file__).resolve().parents[1] / "studies" / "few_shot.py"
 
 
-def test_interrupted_study_resumes_without_duplicates(tmp_path):
+def _argv(*flags: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--data", "data", "--pictures", "1",
+            "--cache-dir", "cache", *flags]  # fmt: skip
+
+
+def _runs(tmp_path: Path, experiment: str):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def test_interrupted_study_exits_130_and_resumes_without_duplicates(tmp_path):
     generate(tmp_path / "data", categories=["gravel", "parts"], image_size=80, n_train=5, n_test=6)
-    argv = [
-        sys.executable, str(SCRIPT), "--data", "data", "--shots", "1", "2", "3",
-        "--backbone", "vit_small_patch14_reg4_dinov2", "--weights", "random",
-        "--backbone-kwargs", json.dumps({"depth": 4, "embed_dim": 48, "num_heads": 2}),
-        "--image-size", "56", "--layers", "2,4", "--epochs", "40", "--pictures", "1",
-        "--max-concurrent", "1", "--cache-dir", "cache", "--experiment", "resume",
-    ]  # fmt: skip
+    argv = _argv("--shots", "1", "2", "3", "4", *tiny_flags(epochs=60), "--experiment", "resume")
     log = tmp_path / "first.log"
-    with open(log, "w") as out:
+    with open(log, "w") as out:  # default concurrency: two trials at a time on 2 CPUs
         first = subprocess.Popen(argv, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + 240
-        while "[fbft] 2/6 finished" not in log.read_text() and time.time() < deadline:
+        while "finished (" not in log.read_text() and time.time() < deadline:
             assert first.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.5)
+            time.sleep(0.2)
         first.send_signal(signal.SIGINT)
         assert first.wait(timeout=120) == 130
     text = log.read_text()
-    assert "interrupted after" in text and "--resume few-shot-" in text
+    assert "interrupted" in text and "--resume few-shot-" in text
+    parents, _ = _runs(tmp_path, "resume")
+    assert len(parents) == 1 and parents[0].info.status != "FINISHED"
 
     second = subprocess.run(
         [*argv, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400
     )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming" in second.stdout and "| shots |" in second.stdout
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents, children = _runs(tmp_path, "resume")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 6
+    assert parents[0].data.metrics["trials_done"] == 8 and len(children) == 8
     assert max(Counter(r.data.tags["fbft.trial_id"] for r in children).values()) == 1
-    assert {(r.data.tags["category"], r.data.tags["shots"]) for r in children} == {
-        (c, s) for c in ("gravel", "parts") for s in ("1", "2", "3")
+    assert {(r.data.tags["category"], r.data.params["shots"]) for r in children} == {
+        (c, s) for c in ("gravel", "parts") for s in ("1", "2", "3", "4")
     }
     assert all(r.info.status == "FINISHED" for r in children)
+
+
+def test_two_studies_started_together_on_a_fresh_store_both_finish(tmp_path):
+    generate(tmp_path / "data", categories=["gravel"], image_size=80, n_train=3, n_test=4)
+    argv = _argv("--shots", "2", *tiny_flags(), "--experiment", "twins")
+    procs = [
+        subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)  # fmt: skip
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(o[-2000:] for o in outputs)
+    folders = [p.parent for p in (tmp_path / "ray_results").glob("few-shot-*/fbft_study.json")]
+    assert len(folders) == 2
+    parents, children = _runs(tmp_path, "twins")
+    assert len(parents) == 2 and len(children) == 2

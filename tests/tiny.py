@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from fbft import FBFTConfig
@@ -22,6 +24,15 @@ def tiny_config(**changes) -> FBFTConfig:
         progress=False,
     )
     return FBFTConfig(**{**base, **changes})
+
+
+def tiny_flags(epochs: int = 2) -> list[str]:
+    """The study command-line flags of the same tiny teacher (random-init, quiet)."""
+    return [
+        "--backbone", "vit_small_patch14_reg4_dinov2",
+        "--backbone-kwargs", json.dumps(TINY),
+        "--image-size", "56", "--layers", "2,4", "--epochs", str(epochs), "--weights", "random",
+    ]  # fmt: skip
 
 
 def textures(n: int, seed: int, shape: tuple[int, int] = (56, 56)) -> list[np.ndarray]:

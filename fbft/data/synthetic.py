@@ -538,6 +538,7 @@ def generate(
     n_train: int = 60,
     n_test: int = 24,
     seed: int = 0,
+    progress: bool = False,
 ) -> Path:
     """Write the synthetic benchmark in MVTec AD layout under `root` and return `root`.
 
@@ -546,7 +547,7 @@ def generate(
     one folder per defect kind, with masks `ground_truth/<kind>/NNN_mask.png` (0/255) and a
     `manifest.json` at the root listing every defect. If `root` already holds the same dataset
     it is reused; any other content in `root` raises `SyntheticRootError`. The dataset is built
-    in a temporary sibling folder and moved into place at the end.
+    in a temporary sibling folder and moved into place at the end; `progress` shows a bar.
     """
     if isinstance(categories, str):
         categories = [categories]
@@ -581,9 +582,13 @@ def generate(
     try:
         partial.chmod(0o755)
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            defects = [
-                r for rs in pool.map(lambda t: _write(t, partial, image_size), tasks) for r in rs
-            ]
+            written = pool.map(lambda t: _write(t, partial, image_size), tasks)
+            if progress:
+                from tqdm.auto import tqdm
+
+                label = f"generating {', '.join(chosen)}"
+                written = tqdm(written, total=len(tasks), desc=label, unit="image")
+            defects = [r for rs in written for r in rs]
         manifest = {
             "generator": GENERATOR,
             "version": VERSION,
