@@ -43,6 +43,21 @@ def test_knn_matches_brute_force_for_any_chunk(chunk: int) -> None:
     np.testing.assert_allclose(dist.numpy(), np.take_along_axis(full, order, 1), atol=1e-4)
 
 
+def test_knn_blocks_stay_within_the_chunk_budget(monkeypatch) -> None:
+    import fbft.baselines.neighbours as neighbours
+
+    seen: list[int] = []
+    real = neighbours.squared_distances
+
+    def spy(q: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        seen.append(q.shape[0] * b.shape[0])
+        return real(q, b)
+
+    monkeypatch.setattr(neighbours, "squared_distances", spy)
+    knn(_rand(300, 4, seed=14), _rand(500, 4, seed=15), k=3, chunk=1000)
+    assert seen and max(seen) <= 1000
+
+
 def test_knn_float16_bank_and_bad_arguments() -> None:
     q, b = _rand(5, 8, seed=2), _rand(9, 8, seed=3)
     _, idx = knn(q, b.half(), chunk=10)
@@ -156,6 +171,12 @@ def test_interface_variants_sizes_and_save_load(tmp_path) -> None:
         SPADE().predict_tokens(test, sizes)
     with pytest.raises(ValueError, match="coreset_ratio"):
         PatchCoreConfig(coreset_ratio=0)
+    with pytest.raises(ValueError, match="at least one"):
+        PatchCore().fit_tokens([])
+    with pytest.raises(ValueError, match="square grid"):
+        SPADE().fit_tokens(_pairs(1, 15, 8, seed=0))
+    with pytest.raises(ValueError, match="image 0: 5x5 patches"):
+        PatchCore().fit_tokens(train).predict_tokens(_pairs(1, 25, 8, seed=0), [(5, 5)])
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fbft import maps
-from fbft.baselines.knn import DEFAULT_CHUNK
+from fbft.baselines.neighbours import DEFAULT_CHUNK
 from fbft.detector import Prediction, TokenPair, Variant
 
 FORMAT_VERSION = 1

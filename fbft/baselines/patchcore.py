@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from fbft.baselines.common import BankConfig, BankDetector
-from fbft.baselines.knn import greedy_coreset, knn, random_projection
+from fbft.baselines.neighbours import greedy_coreset, knn, random_projection
 from fbft.detector import TokenPair
 
 
@@ -66,9 +66,9 @@ class PatchCore(BankDetector):
         total = sum(counts)
         size = min(total, max(1, math.ceil(cfg.coreset_ratio * total)))
         if size == total:
-            self.bank = torch.cat(list(self.iter_features(tokens)))
+            self.bank = self._all_features(tokens, total, project=False)[0]
             return
-        reduced, projected = self._selection_features(tokens)
+        reduced, projected = self._all_features(tokens, total, project=True)
         start = int(torch.randint(total, (1,), generator=torch.Generator().manual_seed(cfg.seed)))
         chosen = greedy_coreset(reduced, size, start, cfg.chunk)
         if projected:
@@ -77,27 +77,35 @@ class PatchCore(BankDetector):
         else:
             self.bank = reduced[chosen]
 
-    def _selection_features(self, tokens: Sequence[TokenPair]) -> tuple[torch.Tensor, bool]:
-        """All nominal features, randomly projected when that narrows them: (rows, projected)."""
-        cfg, parts, proj = self.config, [], None
+    def _all_features(
+        self, tokens: Sequence[TokenPair], total: int, project: bool
+    ) -> tuple[torch.Tensor, bool]:
+        """Every nominal feature in one preallocated (total, width) tensor, randomly projected
+        when ``project`` and that narrows them: (rows, projected)."""
+        cfg, out, proj, offset = self.config, torch.empty(0), None, 0
         for i, feats in enumerate(self.iter_features(tokens)):
-            width = feats.shape[1]
-            if i == 0 and cfg.projection_dim is not None and cfg.projection_dim < width:
-                proj = random_projection(width, cfg.projection_dim, cfg.seed, feats.device)
-            parts.append(feats if proj is None else feats @ proj)
-        return torch.cat(parts), proj is not None
+            if i == 0:
+                width = feats.shape[1]
+                if project and cfg.projection_dim is not None and cfg.projection_dim < width:
+                    proj = random_projection(width, cfg.projection_dim, cfg.seed, feats.device)
+                    width = cfg.projection_dim
+                out = torch.empty(total, width, device=feats.device)
+            out[offset : offset + feats.shape[0]] = feats if proj is None else feats @ proj
+            offset += feats.shape[0]
+        return out, proj is not None
 
     def _gather(
         self, tokens: Sequence[TokenPair], chosen: torch.Tensor, counts: list[int]
     ) -> torch.Tensor:
         """Full-width features of the chosen rows (second pass over the tokens, sorted order)."""
-        chosen, offset, rows = chosen.sort().values, 0, []
-        for feats, count in zip(self.iter_features(tokens), counts, strict=True):
+        chosen, offset, out = chosen.sort().values, 0, torch.empty(0)
+        for i, (feats, count) in enumerate(zip(self.iter_features(tokens), counts, strict=True)):
+            if i == 0:
+                out = torch.empty(len(chosen), feats.shape[1], device=feats.device)
             lo, hi = torch.searchsorted(chosen, torch.tensor([offset, offset + count])).tolist()
-            if hi > lo:
-                rows.append(feats[(chosen[lo:hi] - offset).to(feats.device)])
+            out[lo:hi] = feats[(chosen[lo:hi] - offset).to(feats.device)]
             offset += count
-        return torch.cat(rows)
+        return out
 
     def _score(self, feats: torch.Tensor) -> tuple[torch.Tensor, float]:
         dist, idx = knn(feats, self.bank, 1, self.config.chunk)

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from fbft.baselines.common import BankConfig, BankDetector, _choice
-from fbft.baselines.knn import knn
+from fbft.baselines.neighbours import knn
 from fbft.detector import TokenPair
 
 

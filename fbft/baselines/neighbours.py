@@ -95,8 +95,8 @@ def greedy_coreset(
         center = features[current]
         c_norm = center.pow(2).sum()
         for s in range(0, n_rows, rows):
-            block = features[s : s + rows]
-            d = (norms[s : s + rows] + c_norm).sub_(block @ center, alpha=2.0).clamp_(min=0.0)
+            d = torch.addmv(norms[s : s + rows], features[s : s + rows], center, alpha=-2.0)
+            d.add_(c_norm).clamp_(min=0.0)
             torch.minimum(min_d[s : s + rows], d, out=min_d[s : s + rows])
         current = min_d.argmax()
     return chosen
