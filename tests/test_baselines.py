@@ -32,12 +32,13 @@ def _rand(*shape: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
 
 
+@pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("chunk", [1, 7, 100, 1 << 24])
-def test_knn_matches_brute_force_for_any_chunk(chunk: int) -> None:
+def test_knn_matches_brute_force_for_any_chunk(chunk: int, k: int) -> None:
     q, b = _rand(37, 12, seed=0), _rand(53, 12, seed=1)
     full = _brute(q.numpy(), b.numpy())
-    dist, idx = knn(q, b, k=4, chunk=chunk)
-    order = np.argsort(full, 1)[:, :4]
+    dist, idx = knn(q, b, k=k, chunk=chunk)
+    order = np.argsort(full, 1)[:, :k]
     assert np.array_equal(idx[:, 0].numpy(), np.argmin(full, 1))
     assert np.array_equal(idx.numpy(), order)
     np.testing.assert_allclose(dist.numpy(), np.take_along_axis(full, order, 1), atol=1e-4)

@@ -58,14 +58,26 @@ def knn(
         best_i = torch.full((q.shape[0], k), -1, dtype=torch.long, device=device)
         for bs in range(0, n_b, b_rows):
             b = bank[bs : bs + b_rows].to(device=device, dtype=torch.float32)
-            d = squared_distances(q, b)
-            idx = torch.arange(bs, bs + b.shape[0], device=device).expand_as(d)
-            cand_d, pos = torch.cat([best_d, d], 1).topk(k, dim=1, largest=False, sorted=True)
-            best_i = torch.cat([best_i, idx], 1).gather(1, pos)
-            best_d = cand_d
+            best_d, best_i = _merge(best_d, best_i, squared_distances(q, b), bs)
         out_d[qs : qs + q.shape[0]] = best_d.sqrt_()
         out_i[qs : qs + q.shape[0]] = best_i
     return out_d, out_i
+
+
+def _merge(
+    best_d: torch.Tensor, best_i: torch.Tensor, d: torch.Tensor, offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold one (Q, B) block of squared distances (bank rows from ``offset``) into the running
+    k best. The block is reduced to its own k best first, so no copy of it is ever made; for
+    k = 1 ties keep the earliest bank row, as ``np.argmin`` does."""
+    k = best_d.shape[1]
+    if k == 1:
+        block_d, block_i = d.min(1, keepdim=True)
+        better = block_d < best_d
+        return torch.where(better, block_d, best_d), torch.where(better, block_i + offset, best_i)
+    block_d, block_i = d.topk(min(k, d.shape[1]), dim=1, largest=False, sorted=True)
+    cand_d, pos = torch.cat([best_d, block_d], 1).topk(k, dim=1, largest=False, sorted=True)
+    return cand_d, torch.cat([best_i, block_i + offset], 1).gather(1, pos)
 
 
 def greedy_coreset(
