@@ -3,6 +3,9 @@ save / load, and planted defects found on a tiny random-init teacher's tokens.""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -146,6 +149,10 @@ def test_spade_gallery_and_scores() -> None:
     want = np.sort(_brute(feats[5], np.concatenate([feats[i] for i in near])), 1)[:, :3].mean(1)
     np.testing.assert_allclose(pred.maps[0], want.reshape(4, 4), atol=1e-4)
     assert pred.scores[0] == pytest.approx(np.sort(img_d)[:2].mean(), abs=1e-5)
+    half = SPADE(dataclasses.replace(cfg, bank_dtype="float16")).fit_tokens(train)
+    assert half.bank.dtype == torch.float16
+    half_pred = half.predict_variants(test, [(4, 4)], [{"blur": "none"}])[0]
+    np.testing.assert_allclose(half_pred.maps[0], pred.maps[0], atol=2e-2)
 
 
 def test_interface_variants_sizes_and_save_load(tmp_path) -> None:
@@ -165,7 +172,7 @@ def test_interface_variants_sizes_and_save_load(tmp_path) -> None:
             assert np.array_equal(a, b)
         assert again.scores == preds[0].scores
         assert loaded.describe() == model.describe()
-        assert model.describe()["method"] == model.method
+        assert json.loads(json.dumps(model.describe()))["method"] == model.method
     with pytest.raises(ValueError, match="holds a spade detector"):
         PatchCore.load(tmp_path / "spade.pt")
     with pytest.raises(RuntimeError, match="not fitted"):
