@@ -88,7 +88,9 @@ def greedy_coreset(
 
     Cost: n iterations, each one pass over all N rows (N·d multiply-adds, memory-bound), so
     O(n·N·d); ``features`` should be the randomly projected ones. The min-distance update runs
-    in row blocks of at most ``chunk`` elements; the loop never synchronises with the device.
+    in row blocks of ``chunk`` rows (its temporaries are vectors: one block is ``chunk`` floats,
+    so 5 M rows take one block and ~6 kernel launches per iteration); the loop never
+    synchronises with the device.
     """
     n_rows = features.shape[0]
     if not 1 <= n <= n_rows:
@@ -97,8 +99,9 @@ def greedy_coreset(
         raise ValueError(f"start row {start} outside 0..{n_rows - 1}")
     _check_chunk(chunk)
     device = features.device
-    rows = max(1, chunk // max(1, features.shape[1]))
-    norms = torch.cat([features[s : s + rows].pow(2).sum(1) for s in range(0, n_rows, rows)])
+    step = max(1, chunk // max(1, features.shape[1]))  # squares: a rows×d temporary
+    norms = torch.cat([features[s : s + step].pow(2).sum(1) for s in range(0, n_rows, step)])
+    rows = chunk
     min_d = torch.full((n_rows,), float("inf"), device=device)
     chosen = torch.empty(n, dtype=torch.long, device=device)
     current = torch.tensor(start, device=device)
