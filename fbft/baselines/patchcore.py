@@ -1,0 +1,127 @@
+"""PatchCore (Roth et al., CVPR 2022) on FBFT's teacher tokens, for the paper's Table 6.
+
+Memory bank = every nominal patch feature (see :mod:`fbft.baselines.common`), subsampled by
+greedy k-center (the approximate variant of the paper: selection on a seeded Gaussian random
+projection to ``projection_dim`` dims, exact when ``projection_dim`` is None or ≥ the feature
+width; no selection at ``coreset_ratio=1``). Patch score = euclidean distance to the nearest
+bank entry. No 3×3 neighbourhood aggregation: ViT tokens are already contextualised.
+
+Image score (``Prediction.scores``) as PatchCore defines it (and anomalib computes it): the
+largest patch score s* = ‖m_test* − m*‖, reweighted by w = 1 − softmax(‖m_test* − m‖ over
+m ∈ N_b(m*))[m*], N_b(m*) the ``neighbours`` bank entries nearest to m* (m* included). The
+maps go through FBFT's own post-processing (upsample to the padded square, blur, crop).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fbft.baselines.common import BankConfig, BankDetector
+from fbft.baselines.neighbours import greedy_coreset, knn, random_projection
+from fbft.detector import TokenPair
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig(BankConfig):
+    """``coreset_ratio``: bank fraction kept; ``projection_dim``: width of the random projection
+    the coreset is selected on (None = exact greedy on full features); ``neighbours``: b of the
+    image-score reweighting (1 = plain max); ``seed``: projection and first coreset centre."""
+
+    coreset_ratio: float = 0.1
+    projection_dim: int | None = 128
+    neighbours: int = 9
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.coreset_ratio <= 1:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ValueError(f"projection_dim must be positive or None, got {self.projection_dim}")
+        if self.neighbours < 1:
+            raise ValueError(f"neighbours must be ≥ 1, got {self.neighbours}")
+
+
+class PatchCore(BankDetector):
+    """PatchCore on teacher tokens: ``PatchCore(PatchCoreConfig()).fit_tokens(train_tokens)``."""
+
+    method = "patchcore"
+    config_class = PatchCoreConfig
+    config: PatchCoreConfig
+
+    def __init__(self, config: PatchCoreConfig | None = None, teacher: dict | None = None) -> None:
+        super().__init__(config, teacher)
+        self.bank = torch.empty(0)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {"bank": self.bank}
+
+    def _fit(self, tokens: Sequence[TokenPair]) -> None:
+        cfg = self.config
+        counts = [int(pair[0].shape[0]) for pair in tokens]
+        total = sum(counts)
+        size = min(total, max(1, math.ceil(cfg.coreset_ratio * total)))
+        if size == total:
+            self.bank = self._all_features(tokens, total, project=False)[0]
+            return
+        reduced, projected = self._all_features(tokens, total, project=True)
+        start = int(torch.randint(total, (1,), generator=torch.Generator().manual_seed(cfg.seed)))
+        chosen = greedy_coreset(reduced, size, start, cfg.chunk)
+        if projected:
+            del reduced
+            self.bank = self._gather(tokens, chosen.cpu(), counts)
+        else:
+            self.bank = reduced[chosen]
+
+    def _all_features(
+        self, tokens: Sequence[TokenPair], total: int, project: bool
+    ) -> tuple[torch.Tensor, bool]:
+        """Every nominal feature in one preallocated (total, width) tensor, randomly projected
+        when ``project`` and that narrows them: (rows, projected)."""
+        cfg, out, proj, offset = self.config, torch.empty(0), None, 0
+        for i, feats in enumerate(self.iter_features(tokens)):
+            if i == 0:
+                width = feats.shape[1]
+                if project and cfg.projection_dim is not None and cfg.projection_dim < width:
+                    proj = random_projection(width, cfg.projection_dim, cfg.seed, feats.device)
+                    width = cfg.projection_dim
+                out = torch.empty(total, width, device=feats.device)
+            out[offset : offset + feats.shape[0]] = feats if proj is None else feats @ proj
+            offset += feats.shape[0]
+        return out, proj is not None
+
+    def _gather(
+        self, tokens: Sequence[TokenPair], chosen: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
+        """Full-width features of the chosen rows (second pass over the tokens, sorted order)."""
+        chosen, offset, out = chosen.sort().values, 0, torch.empty(0)
+        for i, (feats, count) in enumerate(zip(self.iter_features(tokens), counts, strict=True)):
+            if i == 0:
+                out = torch.empty(len(chosen), feats.shape[1], device=feats.device)
+            lo, hi = torch.searchsorted(chosen, torch.tensor([offset, offset + count])).tolist()
+            out[lo:hi] = feats[(chosen[lo:hi] - offset).to(feats.device)]
+            offset += count
+        return out
+
+    def _score(self, feats: torch.Tensor) -> tuple[torch.Tensor, float]:
+        dist, idx = knn(feats, self.bank, 1, self.config.chunk)
+        patch = dist[:, 0]
+        return patch, self._image_score(feats, patch, idx[:, 0])
+
+    def _image_score(
+        self, feats: torch.Tensor, patch: torch.Tensor, nearest: torch.Tensor
+    ) -> float:
+        """PatchCore's reweighted maximum (paper eq. 7, anomalib's computation)."""
+        b = min(self.config.neighbours, self.bank.shape[0])
+        top = int(patch.argmax())
+        if b == 1:
+            return float(patch[top])
+        m_star = self.bank[nearest[top]].to(torch.float32)
+        _, support = knn(m_star[None], self.bank, b, self.config.chunk)
+        d = torch.linalg.vector_norm(self.bank[support[0]].float() - feats[top], dim=1)
+        weight = 1 - torch.softmax(d.double(), 0)[0]
+        return float(weight * patch[top].double())
