@@ -1,10 +1,12 @@
-"""The `fbft` command line: `fbft synth ROOT` generates the synthetic tiny-defect benchmark."""
+"""The `fbft` command line: `fbft synth ROOT` generates the synthetic tiny-defect benchmark;
+`fbft predict --model MODEL --out DIR IMAGES...` scores images with a saved detector."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
 
+from fbft import predict
 from fbft.data import synthetic
 
 
@@ -13,6 +15,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fbft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     synthetic.add_synth_command(commands)
+    predict.add_predict_command(commands)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -93,7 +93,7 @@ def overlay(
     inset: bool = True,
 ) -> Path:
     """:func:`overlay_figure` written to ``path``."""
-    return _save(overlay_figure(image, mask, anomaly_map, title, vmin, vmax, inset), path)
+    return save_figure(overlay_figure(image, mask, anomaly_map, title, vmin, vmax, inset), path)
 
 
 def zoom_inset(ax, image, anomaly_map, mask, box: tuple[tuple[float, float], float], clim):
@@ -156,7 +156,7 @@ def pro_curves(
     ax.set_ylim(0, 1)
     ax.legend(title="components ≤ quartile")
     ax.set_title(pro_title(title, metrics), fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pro_title(title: str, metrics: Mapping[str, float] | None) -> str:
@@ -189,7 +189,7 @@ def quartile_chart(metrics: Mapping[str, float], path: Path, title: str = "") ->
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def bar_labels(values: Sequence[float]) -> list[str]:
@@ -208,7 +208,7 @@ def summary(
         ax.plot(labels, [r[key] for r in rows], marker="o", label=name)
     ax.set(xlabel=setting, ylabel="mean over categories", ylim=(0, 1.02))
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _box(rows: slice, cols: slice) -> tuple[tuple[float, float], float]:
@@ -217,7 +217,7 @@ def _box(rows: slice, cols: slice) -> tuple[tuple[float, float], float]:
     return ((cols.start + cols.stop) / 2 - half, (rows.start + rows.stop) / 2 - half), 2 * half
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
