@@ -43,10 +43,8 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def test_scores_and_maps_match_the_model(model_file, images, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(
-        ["predict", "--model", str(model_file), "--out", str(out), "--batch-size", "3"]
-        + [str(images / "a"), str(images / "b")]
-    )
+    args = ["predict", "--model", str(model_file), "--out", str(out), "--batch-size", "3"]
+    rc = main([*args, str(images / "a"), str(images / "b")])
     assert rc == 0, capsys.readouterr().err
     rows = _rows(out / "scores.csv")
     paths = [Path(r["path"]) for r in rows]
