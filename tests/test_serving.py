@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import mlflow
 import pandas as pd
 import pytest
+import timm
+import torch
 from PIL import Image
-from tiny import textures, tiny_config, with_defect
+from tiny import TINY, textures, tiny_config, with_defect
 
 from fbft import FBFT
 from fbft.cli import main
@@ -84,3 +89,26 @@ def test_local_file_and_bad_references(bundle, tmp_path):
         load_detector("runs:/0123/model")
     with pytest.raises(ModelReferenceError, match="log_teacher"):
         log_model(model_file, log_teacher=True)
+
+
+def test_log_teacher_copies_a_file_teacher(store, tmp_path, monkeypatch):
+    teacher = timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=0, img_size=56, **TINY)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    config = tiny_config(epochs=2, weights=str(tmp_path / "teacher.pth"))
+    model_file = FBFT(config).fit(textures(3, seed=0)).save(tmp_path / "fbft.pt")
+    Image.fromarray(textures(1, seed=9)[0]).save(tmp_path / "x.png")
+    _, expected = FBFT.load(model_file).predict([read_image(tmp_path / "x.png")])
+    uri = log_model(model_file, log_teacher=True)
+    (tmp_path / "teacher.pth").rename(tmp_path / "moved.pth")  # the logged copy is used
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"path": [str(tmp_path / "x.png")]}))
+    assert out["score"].tolist() == pytest.approx(expected, rel=1e-5)
+    assert "decision" not in out
+
+
+def test_importing_the_cli_and_serving_skips_mlflow_and_torch():
+    code = (
+        "import sys, fbft.cli, fbft.serving; print('mlflow' in sys.modules, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
