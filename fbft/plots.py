@@ -110,29 +110,24 @@ def zoom_inset(ax, image, anomaly_map, mask, box: tuple[tuple[float, float], flo
     return inner
 
 
-def prediction_figure(
+def overlay_pixels(
     image: np.ndarray,
     anomaly_map: np.ndarray,
     clim: ColourRange,
     pixel_threshold: float | None = None,
-    title: str = "",
-) -> Figure:
-    """Image | map over the image on a fixed scale, outlined where the map passes the threshold."""
-    fig = Figure(figsize=(7.5, 3.6))
-    axes = fig.subplots(1, 2)
-    axes[0].imshow(image)
-    axes[0].set_title("image")
-    shown = heat(axes[1], image, anomaly_map, clim)
-    fig.colorbar(shown, ax=axes[1], fraction=0.046)
-    caption = "anomaly map"
-    if pixel_threshold is not None and (anomaly_map > pixel_threshold).any():
-        axes[1].contour(anomaly_map, levels=[pixel_threshold], colors="white", linewidths=0.8)
-        caption += f" (outline > {pixel_threshold:.4g})"
-    axes[1].set_title(caption)
-    for ax in axes:
-        ax.set_axis_off()
-    fig.suptitle(title)
-    return fig
+) -> np.ndarray:
+    """Image | jet map blended over it at full resolution, outlined in white where the map
+    passes ``pixel_threshold``: an Hx(2W)x3 uint8 array, ~100x faster than a matplotlib figure."""
+    from matplotlib import colormaps
+
+    vmin, vmax = clim
+    scaled = np.clip((anomaly_map - vmin) / (vmax - vmin), 0, 1)
+    colours = colormaps["jet"](scaled)[..., :3] * 255
+    blend = (0.5 * image + 0.5 * colours).astype(np.uint8)
+    if pixel_threshold is not None:
+        mask = anomaly_map > pixel_threshold
+        blend[mask & ~ndimage.binary_erosion(mask, border_value=1)] = 255
+    return np.concatenate([image, blend], axis=1)
 
 
 def pro_curves(

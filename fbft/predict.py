@@ -2,9 +2,10 @@
 
 Writes ``OUT/scores.csv`` (path, score and, when a threshold is known, decision = score >
 threshold), ``OUT/maps/<name>.npy`` (or ``.tiff``: the float32 map at the image's own H×W),
-``OUT/maps/<name>.png`` (the map over the image on one colour scale for every image, outlined at
-the pixel threshold when known) and ``OUT/predict.json`` (model, thresholds, colour scale).
-Images stream in batches: a folder of thousands never holds more than one batch of maps.
+``OUT/maps/<name>.png`` (image | map over the image at full resolution, jet on one colour scale
+for every image; outlined in white at the pixel threshold when known) and ``OUT/predict.json``
+(thresholds, colour scale). Images stream in batches: a folder of thousands never holds more
+than one batch of maps.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
 
 from fbft.data.common import IMAGE_EXTENSIONS, DatasetError, image_size, read_image
 
@@ -113,8 +115,6 @@ def save_map(anomaly_map: np.ndarray, path: Path) -> None:
     if path.suffix == ".npy":
         np.save(path, values)
     else:
-        from PIL import Image
-
         Image.fromarray(values).save(path, format="TIFF")
 
 
@@ -135,7 +135,7 @@ def predict_images(
     """
     from tqdm.auto import tqdm
 
-    from fbft.plots import prediction_figure, save_figure
+    from fbft.plots import overlay_pixels
 
     if map_format not in MAP_FORMATS:
         raise PredictInputError(f"--format must be one of {', '.join(MAP_FORMATS)}")
@@ -150,16 +150,15 @@ def predict_images(
         rows = csv.writer(handle)
         rows.writerow(["path", "score"] + (["decision"] if cut is not None else []))
         for batch in iter_batches(model, paths, batch_size):
-            clim = clim or colour_scale([amap for _, _, amap, _ in batch], pixel_cut)
+            if overlays and clim is None:
+                clim = colour_scale([amap for _, _, amap, _ in batch], pixel_cut)
             for path, image, amap, score in batch:
                 name = next(names)
                 rows.writerow([str(path), score] + ([int(score > cut)] if cut is not None else []))
                 save_map(amap, out / "maps" / f"{name}.{map_format}")
                 if overlays:
-                    fig = prediction_figure(
-                        image, amap, clim, pixel_cut, f"{path.name} · score {score:.4g}"
-                    )
-                    save_figure(fig, out / "maps" / f"{name}.png")
+                    pixels = overlay_pixels(image, amap, clim, pixel_cut)
+                    Image.fromarray(pixels).save(out / "maps" / f"{name}.png")
             bar.update(len(batch))
     summary = {
         "images": len(paths),

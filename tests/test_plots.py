@@ -47,13 +47,6 @@ def test_overlay_without_defect_or_range_still_draws(tmp_path):
     assert fig.axes[2].images[-1].get_clim() == pytest.approx((amap.min(), amap.max()))
 
 
-def test_prediction_figure_outlines_the_pixel_threshold():
-    image, _, amap = _scene()
-    fig = plots.prediction_figure(image, amap, (0.0, 2.0), pixel_threshold=0.9, title="x")
-    assert fig.axes[1].images[-1].get_clim() == (0.0, 2.0)
-    assert "0.9" in fig.axes[1].get_title()
-
-
 def test_pro_curves_title_and_quartile_labels(tmp_path):
     fpr = np.linspace(0, 1, 11)
     curves = Curves(fpr, {q: fpr**0.5 for q in QUARTILES}, fpr, fpr)
