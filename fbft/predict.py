@@ -158,7 +158,7 @@ def predict_images(
                 save_map(amap, out / "maps" / f"{name}.{map_format}")
                 if overlays:
                     pixels = overlay_pixels(image, amap, clim, pixel_cut)
-                    Image.fromarray(pixels).save(out / "maps" / f"{name}.png")
+                    Image.fromarray(pixels).save(out / "maps" / f"{name}.png", compress_level=1)
             bar.update(len(batch))
     summary = {
         "images": len(paths),
