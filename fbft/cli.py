@@ -1,6 +1,7 @@
 """The `fbft` command line.
 
 fbft synth ROOT                 generate the synthetic tiny-defect benchmark
+fbft predict --model M --out DIR IMAGES...   score images with a saved or MLflow detector
 fbft cache info                 teachers, entries, size and free disk of the token cache
 fbft cache prune [--max-gb X] [--older-than DAYS] [--teacher T] [--all]
 """
@@ -12,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fbft import features
+from fbft import features, predict
 from fbft.data import synthetic
 
 
@@ -23,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     synthetic.add_synth_command(commands)
+    predict.add_predict_command(commands)
     add_cache_command(commands)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

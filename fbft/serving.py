@@ -1,0 +1,234 @@
+"""A saved FBFT detector as an MLflow pyfunc model, and loading a detector from a file or a URI.
+
+The model's artifacts are the saved detector (``students.pt``), optionally ``thresholds.json``
+and, only with ``log_teacher=True``, the teacher's weights file. Otherwise the teacher is
+referenced, not copied: the saved file names the teacher (a random-init teacher is rebuilt from
+its seed; a file teacher is read from its recorded path, checked by SHA-256 at load).
+Requirements are pinned to this environment and the fbft code travels with the model
+(``code_paths``), so loading installs nothing and works offline.
+
+mlflow and torch are imported on first use: ``import fbft.serving`` is cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+from contextlib import nullcontext
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fbft.thresholds import Thresholds
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from fbft.model import FBFT
+
+DETECTOR, THRESHOLDS, TEACHER = "detector", "thresholds", "teacher_weights"
+REQUIREMENTS = ("mlflow", "torch", "timm", "numpy", "pandas", "pillow", "scipy", "tqdm")
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class ModelReferenceError(FileNotFoundError):
+    """A model file, folder or MLflow URI that cannot be found or read."""
+
+
+@functools.cache
+def _python_model_class() -> type:
+    """The pyfunc class, built on first use so that importing this module skips mlflow."""
+    import mlflow.pyfunc
+
+    class FBFTPyfunc(mlflow.pyfunc.PythonModel):
+        """DataFrame with a ``path`` column -> DataFrame(path, score[, decision])."""
+
+        def load_context(self, context: Any) -> None:
+            self.detector, self.thresholds = _load_artifacts(
+                context.artifacts, os.environ.get("FBFT_DEVICE", "auto")
+            )
+
+        def predict(self, context: Any, model_input: Any, params: Any = None) -> pd.DataFrame:
+            return score_frame(self.detector, model_input, self.thresholds)
+
+    FBFTPyfunc.__module__, FBFTPyfunc.__qualname__ = __name__, "FBFTPyfunc"
+    return FBFTPyfunc
+
+
+def __getattr__(name: str) -> Any:
+    # cloudpickle stores FBFTPyfunc by reference (fbft.serving.FBFTPyfunc); resolve it lazily.
+    if name == "FBFTPyfunc":
+        return _python_model_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def score_frame(
+    detector: FBFT, frame: pd.DataFrame, thresholds: Thresholds | None = None, batch_size: int = 16
+) -> pd.DataFrame:
+    """Scores of the images named in ``frame["path"]`` (maps are computed and dropped)."""
+    import pandas as pd
+
+    from fbft.predict import iter_batches
+
+    if "path" not in getattr(frame, "columns", ()):
+        raise ValueError("the model input needs a 'path' column of image file paths")
+    paths = [Path(p) for p in frame["path"]]
+    scores = [s for batch in iter_batches(detector, paths, batch_size) for *_, s in batch]
+    out = pd.DataFrame({"path": [str(p) for p in paths], "score": scores})
+    if thresholds is not None:
+        out["decision"] = out["score"] > thresholds.image
+    return out
+
+
+def signature(with_decision: bool) -> Any:
+    """Input: a string ``path`` column; output: path, score and (with thresholds) decision."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    outputs = [ColSpec("string", "path"), ColSpec("double", "score")]
+    outputs += [ColSpec("boolean", "decision")] if with_decision else []
+    return ModelSignature(Schema([ColSpec("string", "path")]), Schema(outputs))
+
+
+def requirements() -> list[str]:
+    """This environment's versions of what the model imports (no resolution, no install)."""
+    pinned = []
+    for name in REQUIREMENTS:
+        try:
+            pinned.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return pinned
+
+
+def log_model(
+    model_file: str | os.PathLike[str],
+    thresholds: Thresholds | str | os.PathLike[str] | None = None,
+    name: str = "model",
+    teacher_weights_file: str | os.PathLike[str] | None = None,
+    log_teacher: bool = False,
+) -> str:
+    """Log a saved detector as an MLflow pyfunc model in the active run (or a new one).
+
+    Returns ``runs:/<run id>/<name>``. ``teacher_weights_file`` is recorded in the model's
+    metadata, and copied as an artifact only with ``log_teacher=True`` (default: the weights
+    file the detector was configured with).
+    """
+    import mlflow
+
+    model_file = Path(model_file)
+    if not model_file.is_file():
+        raise ModelReferenceError(f"no saved FBFT model at {str(model_file)!r}")
+    teacher = _teacher_reference(model_file, teacher_weights_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {DETECTOR: str(shutil.copyfile(model_file, Path(tmp) / "students.pt"))}
+        if thresholds is not None:
+            if not isinstance(thresholds, Thresholds):
+                thresholds = Thresholds.load(thresholds)
+            artifacts[THRESHOLDS] = str(thresholds.save(Path(tmp) / "thresholds.json"))
+        if log_teacher:
+            weights = teacher.get("weights_file")
+            if not weights or not Path(weights).is_file():
+                raise ModelReferenceError(
+                    f"log_teacher=True needs the teacher weights file; {weights!r} is not one "
+                    "(pass teacher_weights_file=PATH)"
+                )
+            artifacts[TEACHER] = weights
+        active = mlflow.active_run()
+        with nullcontext(active) if active else mlflow.start_run() as run:
+            mlflow.pyfunc.log_model(
+                name=name,
+                python_model=_python_model_class()(),
+                artifacts=artifacts,
+                signature=signature(thresholds is not None),
+                pip_requirements=requirements(),
+                code_paths=[str(PACKAGE_DIR)],
+                metadata={"teacher": teacher},
+            )
+    return f"runs:/{run.info.run_id}/{name}"
+
+
+def _teacher_reference(model_file: Path, weights_file: str | os.PathLike[str] | None) -> dict:
+    """Teacher identity from the saved file's header, plus where its weights file lives."""
+    import torch
+
+    try:
+        state = torch.load(model_file, map_location="cpu", weights_only=True)
+        ref = {"identity": json.loads(state["teacher"])}
+        configured = json.loads(state["config"]).get("weights")
+    except (KeyError, TypeError, ValueError, RuntimeError):  # a newer file layout: best effort
+        ref, configured = {}, None
+    if weights_file is None and configured not in (None, "auto", "hub", "random"):
+        weights_file = configured
+    if weights_file is not None:
+        ref["weights_file"] = str(Path(weights_file).expanduser().resolve())
+    return ref
+
+
+def load(
+    uri_or_path: str | os.PathLike[str], device: str | None = None, tracking_uri: str | None = None
+) -> tuple[FBFT, Thresholds | None]:
+    """The detector and its thresholds (None when not logged) from a saved file, a local MLflow
+    model folder, or an MLflow URI (``runs:/ID/model``, ``models:/NAME/VERSION``, ...)."""
+    ref = str(uri_or_path)
+    local = Path(ref).expanduser()
+    if local.is_file():
+        return _load_artifacts({DETECTOR: str(local)}, device)
+    if local.is_dir():
+        return _load_artifacts(_artifacts_of(local), device)
+    if ":" not in ref or len(ref.split(":", 1)[0]) < 2:  # no scheme (or a Windows drive)
+        raise ModelReferenceError(
+            f"no saved FBFT model at {ref!r}: not a file, folder or MLflow URI "
+            "(runs:/RUN_ID/model, models:/NAME/VERSION)"
+        )
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        folder = mlflow.artifacts.download_artifacts(
+            artifact_uri=ref, tracking_uri=tracking_uri, registry_uri=tracking_uri
+        )
+    except (MlflowException, OSError) as err:
+        where = tracking_uri or mlflow.get_tracking_uri()
+        raise ModelReferenceError(
+            f"cannot fetch MLflow model {ref!r} from tracking server {where!r}: {err}. "
+            "Check the URI and --tracking-uri / MLFLOW_TRACKING_URI."
+        ) from err
+    return _load_artifacts(_artifacts_of(Path(folder)), device)
+
+
+def load_detector(
+    uri_or_path: str | os.PathLike[str], device: str | None = None, tracking_uri: str | None = None
+) -> FBFT:
+    """The detector alone; see :func:`load`."""
+    return load(uri_or_path, device, tracking_uri)[0]
+
+
+def _artifacts_of(folder: Path) -> dict[str, str]:
+    """Artifact name -> local file of an MLflow model folder written by :func:`log_model`."""
+    from mlflow.models import Model
+
+    try:
+        conf = Model.load(str(folder)).flavors["python_function"]
+    except (OSError, KeyError) as err:
+        raise ModelReferenceError(f"{folder} is not an MLflow pyfunc model folder") from err
+    entries = conf.get("artifacts", {})
+    if DETECTOR not in entries:
+        raise ModelReferenceError(f"{folder}: the MLflow model has no FBFT detector artifact")
+    return {key: str(folder / entry["path"]) for key, entry in entries.items()}
+
+
+def _load_artifacts(
+    artifacts: dict[str, str], device: str | None
+) -> tuple[FBFT, Thresholds | None]:
+    from fbft.model import FBFT
+
+    try:
+        detector = FBFT.load(artifacts[DETECTOR], device=device, weights=artifacts.get(TEACHER))
+        found = artifacts.get(THRESHOLDS)
+        return detector, Thresholds.load(found) if found else None
+    except (FileNotFoundError, ValueError) as err:
+        raise ModelReferenceError(str(err)) from err

@@ -1,0 +1,114 @@
+"""The detector as an MLflow pyfunc model on a real SQLite store: runs:/ and models:/ URIs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import pandas as pd
+import pytest
+import timm
+import torch
+from PIL import Image
+from tiny import TINY, textures, tiny_config, with_defect
+
+from fbft import FBFT
+from fbft.cli import main
+from fbft.data.common import read_image
+from fbft.serving import ModelReferenceError, load, load_detector, log_model
+from fbft.thresholds import Thresholds
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A fresh SQLite tracking store, the global tracking URI restored afterwards."""
+    tmp = tmp_path_factory.mktemp("mlflow")
+    previous = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("serving")
+    yield uri
+    mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, store):
+    """(model file, image paths, reference scores, logged runs:/ URI, thresholds)."""
+    tmp = tmp_path_factory.mktemp("bundle")
+    model_file = FBFT(tiny_config(epochs=5)).fit(textures(4, seed=0)).save(tmp / "fbft.pt")
+    paths = []
+    for i, image in enumerate(textures(3, seed=5, shape=(56, 70))):
+        if i == 2:
+            image = with_defect(image, (10, 10, 8, 8))[0]
+        paths.append(tmp / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    _, scores = FBFT.load(model_file).predict([read_image(p) for p in paths])
+    thresholds = Thresholds(sorted(scores)[1], 0.5, 0.01, 3, "test")
+    with mlflow.start_run():
+        uri = log_model(model_file, thresholds=thresholds)
+    return model_file, paths, scores, uri, thresholds
+
+
+def test_pyfunc_predict_equals_fbft_offline(bundle, monkeypatch):
+    _, paths, scores, uri, thresholds = bundle
+    assert uri.startswith("runs:/") and uri.endswith("/model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    out = pyfunc.predict(pd.DataFrame({"path": [str(p) for p in paths]}))
+    assert list(out.columns) == ["path", "score", "decision"]
+    assert out["score"].tolist() == pytest.approx(scores, rel=1e-5)
+    assert out["decision"].tolist() == [s > thresholds.image for s in scores]
+    signature = pyfunc.metadata.signature
+    assert signature.inputs.input_names() == ["path"]
+    assert pyfunc.metadata.metadata["teacher"]["identity"]["weights"].startswith("random:")
+
+
+def test_registered_model_and_cli(bundle, store, tmp_path, capsys):
+    _, paths, scores, uri, thresholds = bundle
+    version = mlflow.register_model(uri, "fbft-tiny")
+    detector, loaded = load(f"models:/fbft-tiny/{version.version}")
+    assert loaded == thresholds
+    _, again = detector.predict([read_image(p) for p in paths])
+    assert again == pytest.approx(scores, rel=1e-5)
+    out = tmp_path / "out"
+    argv = ["predict", "--model", uri, "--tracking-uri", store, "--out", str(out), "--no-overlays"]
+    assert main([*argv, *map(str, paths)]) == 0, capsys.readouterr().err
+    csv = pd.read_csv(out / "scores.csv")
+    assert csv["score"].tolist() == pytest.approx(scores, rel=1e-5)
+    assert csv["decision"].tolist() == [int(s > thresholds.image) for s in scores]
+
+
+def test_local_file_and_bad_references(bundle, tmp_path):
+    model_file = bundle[0]
+    assert isinstance(load_detector(model_file), FBFT)
+    assert load(model_file)[1] is None
+    with pytest.raises(ModelReferenceError, match=r"nope\.pt"):
+        load_detector(tmp_path / "nope.pt")
+    with pytest.raises(ModelReferenceError, match="runs:/0123/model"):
+        load_detector("runs:/0123/model")
+    with pytest.raises(ModelReferenceError, match="log_teacher"):
+        log_model(model_file, log_teacher=True)
+
+
+def test_log_teacher_copies_a_file_teacher(store, tmp_path, monkeypatch):
+    teacher = timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=0, img_size=56, **TINY)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    config = tiny_config(epochs=2, weights=str(tmp_path / "teacher.pth"))
+    model_file = FBFT(config).fit(textures(3, seed=0)).save(tmp_path / "fbft.pt")
+    Image.fromarray(textures(1, seed=9)[0]).save(tmp_path / "x.png")
+    _, expected = FBFT.load(model_file).predict([read_image(tmp_path / "x.png")])
+    uri = log_model(model_file, log_teacher=True)
+    (tmp_path / "teacher.pth").rename(tmp_path / "moved.pth")  # the logged copy is used
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"path": [str(tmp_path / "x.png")]}))
+    assert out["score"].tolist() == pytest.approx(expected, rel=1e-5)
+    assert "decision" not in out
+
+
+def test_importing_the_cli_and_serving_skips_mlflow_and_torch():
+    code = (
+        "import sys, fbft.cli, fbft.serving; print('mlflow' in sys.modules, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "False"]
