@@ -18,7 +18,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -68,13 +67,6 @@ def walk(node, path=()):
 
 def dockerfile_args() -> dict[str, str]:
     return dict(re.findall(r"^ARG (\w+)=(\S+)", DOCKERFILE.read_text(), re.MULTILINE))
-
-
-def pyproject_pin(name: str) -> str:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    pins = [m[1] for d in deps if (m := re.fullmatch(rf"{name}==([\w.]+)", d.replace(" ", "")))]
-    assert pins, f"pyproject.toml has no `{name}==` pin"
-    return pins[0]
 
 
 # --- Ray cluster launcher configs
@@ -260,31 +252,25 @@ def test_kustomize_build_offline():
 # --- MLflow tracking server
 
 
-def parse_env_file(path: Path) -> dict[str, str]:
-    values = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        assert sep, f"{path}: not KEY=VALUE: {line!r}"
-        values[key.strip()] = value.strip().strip("'\"")
-    return values
-
-
 INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
 
 
+def parse_env_file(path: Path) -> dict[str, str]:
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    pairs = [line.partition("=") for line in lines if line and not line.startswith("#")]
+    assert all(sep for _, sep, _ in pairs), f"{path}: every line must be KEY=VALUE"
+    return {key.strip(): value.strip().strip("'\"") for key, _, value in pairs}
+
+
 def interpolate(text: str, env: dict[str, str]) -> str:
-    """Docker-compose style ${VAR}, ${VAR:-default}, ${VAR:?error} substitution."""
+    """Docker-compose ${VAR}, ${VAR:-default}, ${VAR:?error}; a required unset one fails."""
 
     def sub(match: re.Match) -> str:
-        name, op, arg = match.group(1), match.group(2), match.group(3)
+        name, op, arg = match.groups()
         if name in env and (env[name] or not (op or "").startswith(":")):
             return env[name]
-        if op in (":-", "-"):
-            return arg
-        raise AssertionError(f"${{{name}}} is not set in .env.example")
+        assert op in (":-", "-"), f"${{{name}}} is not set in the example env file"
+        return arg
 
     return INTERPOLATION.sub(sub, text)
 
@@ -293,50 +279,18 @@ def compose() -> dict:
     return load_yaml(COMPOSE)
 
 
-def env_example() -> dict[str, str]:
-    return parse_env_file(MLFLOW / ".env.example")
-
-
-def compose_strings(node) -> list[str]:
-    """Every string in the parsed compose file (comments are not interpolated)."""
-    if isinstance(node, dict):
-        return [s for k, v in node.items() for s in (*compose_strings(k), *compose_strings(v))]
-    if isinstance(node, list):
-        return [s for v in node for s in compose_strings(v)]
-    return [node] if isinstance(node, str) else []
-
-
-def test_compose_variables_are_all_defined_in_env_example():
-    env = env_example()
-    strings = compose_strings(compose())
-    used = set()
-    for text in strings:
-        for match in INTERPOLATION.finditer(text):
-            name, op = match.group(1), match.group(2)
-            used.add(name)
-            assert name in env or op in (":-", "-"), f"${{{name}}} missing from .env.example"
-        interpolate(text, env)  # raises on an unset required variable
-    assert used
-
-
-def mlflow_server_params() -> dict:
+def test_compose_resolves_and_mlflow_cli_accepts_its_command():
+    """Every ${VAR} of compose.yaml resolves from .env.example; the installed MLflow parses the
+    server flags; no password in the backend URI (libpq reads PGPASSWORD); allowed hosts set."""
     import mlflow.cli
 
+    env = parse_env_file(MLFLOW / ".env.example")
+    interpolate(json.dumps(compose()), env)
     command = compose()["services"]["mlflow"]["command"]
-    assert isinstance(command, list), "use the exec (list) form for the mlflow command"
-    argv = [interpolate(str(arg), env_example()) for arg in command]
-    assert argv[:2] == ["mlflow", "server"]
-    # The installed MLflow's own CLI parser: unknown or malformed flags fail here.
-    return mlflow.cli.server.make_context("server", argv[2:]).params
-
-
-def test_compose_mlflow_uses_postgres_and_proxied_s3_artifacts():
-    params = mlflow_server_params()
-    backend = urlparse(params["backend_store_uri"])
-    assert backend.scheme.startswith("postgresql")
-    assert backend.password is None, "no password in the URI (libpq reads PGPASSWORD)"
-    assert params["artifacts_destination"].startswith("s3://")
-    assert params["serve_artifacts"] is True
+    argv = [interpolate(str(arg), env) for arg in command]
+    assert argv[:2] == ["mlflow", "server"], "use the exec (list) form"
+    params = mlflow.cli.server.make_context("server", argv[2:]).params
+    assert urlparse(params["backend_store_uri"]).password is None
     assert params["allowed_hosts"] and params["allowed_hosts"].strip() != "*"
 
 
@@ -397,8 +351,7 @@ def test_nginx_proxy_requires_tls_and_basic_auth():
     body = tls[0]
     assert re.search(r"^\s*auth_basic\s+\"[^\"]+\";", body, re.MULTILINE)
     assert re.search(r"^\s*auth_basic_user_file\s+\S+;", body, re.MULTILINE)
-    assert "ssl_certificate " in body
-    assert "ssl_certificate_key " in body
+    assert "ssl_certificate " in body and "ssl_certificate_key " in body
     # auth may be switched off only for the health probe
     for location in re.findall(r"location\s+([^{]+)\{([^}]*)\}", body):
         if "auth_basic off" in location[1]:
@@ -423,15 +376,9 @@ def test_nginx_config_passes_nginx_t(tmp_path):
         rendered = rendered.replace("http2 on;", "")
     certs = tmp_path / "certs"
     certs.mkdir()
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-subj", "/CN=mlflow.example.com",
-            "-keyout", str(certs / "tls.key"), "-out", str(certs / "tls.crt"),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
+    openssl = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=mlflow.example.com"
+    argv = [*openssl.split(), "-keyout", certs / "tls.key", "-out", certs / "tls.crt"]
+    subprocess.run(argv, check=True, capture_output=True)
     rendered = rendered.replace("/etc/nginx/certs/", f"{certs}/").replace(
         "/etc/nginx/htpasswd", str(tmp_path / "htpasswd")
     )
@@ -442,11 +389,8 @@ def test_nginx_config_passes_nginx_t(tmp_path):
         "events {}\n"
         f"http {{ access_log off; include {tmp_path}/mlflow.conf; }}\n"
     )
-    result = subprocess.run(
-        ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-        capture_output=True,
-        text=True,
-    )
+    argv = ["nginx", "-t", "-p", tmp_path, "-c", tmp_path / "nginx.conf"]
+    result = subprocess.run(argv, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
@@ -472,16 +416,11 @@ def test_systemd_unit_binds_loopback_and_reads_an_environment_file():
     assert argv[1] == "server"
     assert argv[argv.index("--host") + 1] == "127.0.0.1", "only the TLS proxy is public"
     # Secrets stay in the EnvironmentFile: only ${VAR} references on the command line.
-    backend = argv[argv.index("--backend-store-uri") + 1]
-    assert backend.startswith("${")
+    assert argv[argv.index("--backend-store-uri") + 1].startswith("${")
     env = parse_env_file(MLFLOW / "systemd" / "mlflow.env.example")
-    for ref in re.findall(r"\$\{(\w+)\}", exec_start):
-        assert ref in env, f"{ref} missing from mlflow.env.example"
     import mlflow.cli
 
-    mlflow.cli.server.make_context(
-        "server", [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], a) for a in argv[2:]]
-    )
+    mlflow.cli.server.make_context("server", [interpolate(a, env) for a in argv[2:]])
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
@@ -496,18 +435,11 @@ def test_systemd_unit_passes_systemd_analyze_verify():
 # --- Dockerfile
 
 
-def test_dockerfile_non_root_and_torch_matches_pyproject():
-    text = DOCKERFILE.read_text()
-    users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
+def test_image_runs_non_root_and_keeps_secrets_out_of_the_build_context():
+    users = re.findall(r"^USER\s+(\S+)", DOCKERFILE.read_text(), re.MULTILINE)
     assert users and users[-1] not in ("root", "0", "0:0")
-    args = dockerfile_args()
-    assert args["TORCH_VERSION"] == pyproject_pin("torch")
-    assert args["TORCHVISION_VERSION"] == pyproject_pin("torchvision")
-
-
-def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build_context():
-    patterns = set((INFRA / "Dockerfile.dockerignore").read_text().split())
-    assert {".git", ".venv", "**/.env"} <= patterns
+    ignored = set((INFRA / "Dockerfile.dockerignore").read_text().split())
+    assert {".git", ".venv", "**/.env"} <= ignored
 
 
 # --- Secrets scan and README
