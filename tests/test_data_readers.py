@@ -211,6 +211,43 @@ def test_visa_missing_mask(tmp_path: Path, visa_rows: list[dict[str, str]]) -> N
         open_dataset(tmp_path, "candle", "train")
 
 
+@pytest.mark.parametrize(
+    ("column", "escape"),
+    [
+        ("image", "../outside/{name}"),
+        ("mask", "{outside}/{name}"),
+        ("image", "capsules/../../outside/{name}"),
+    ],
+)
+def test_visa_paths_confined_to_root(
+    tmp_path: Path, visa_rows: list[dict[str, str]], column: str, escape: str
+) -> None:
+    """A split file must not make the reader open files outside the dataset root."""
+    rows = [dict(r) for r in visa_rows if r["object"] == "capsules"][:40]
+    root = tmp_path / "visa"
+    _visa_tree(root, rows)
+    number, row = next(
+        (i, r)
+        for i, r in enumerate(rows, start=2)
+        if r["label"] == "anomaly" and r["split"] == "test"
+    )
+    outside = tmp_path / "outside"
+    target = outside / Path(row[column]).name
+    target.parent.mkdir()
+    (root / row[column]).rename(target)  # the escaping path exists, so only the check stops it
+    row[column] = escape.format(outside=outside, name=target.name)
+    with (root / "split_csv" / "1cls.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]), lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(DatasetFormatError) as err:
+        open_dataset(root, "capsules", "test")
+    message = str(err.value)
+    assert str(root / "split_csv" / "1cls.csv") in message
+    assert f"row {number}:" in message and repr(row[column]) in message and column in message
+    assert len(open_dataset(root, "capsules", "train")) > 0  # other rows still read
+
+
 # ----------------------------------------------------------------------------- converted VisA
 
 

@@ -1,11 +1,11 @@
-"""Offline checks of the deployment configs under infra/.
+"""Offline checks of the deployment configs under infra/ that a reader would otherwise get wrong.
 
-Nothing here talks to a cloud, a cluster, a registry or a Docker engine. The
-checks use the validators that ship with the installed packages (Ray's cluster
-config schema and preparation code, Ray's and MLflow's own CLI parsers) plus
-structural assertions about the settings the README relies on. Checks that
-need a local tool (bash, kubectl, nginx, systemd-analyze, git) skip when the
-tool is missing.
+Only real validators and security properties: Ray's cluster schema and config pipeline, the
+`ray start` / `mlflow server` CLI parsers, bash -n, kubectl kustomize, nginx -t,
+systemd-analyze, the NetworkPolicy in front of Ray, loopback/TLS/auth of the MLflow server and
+a scan for committed secrets. Values that only change when someone edits the file (image tags,
+resource numbers, study flags) are not pinned here. Tools that are missing skip their check.
+Nothing talks to a cloud, a cluster, a registry or a Docker engine.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -36,6 +35,7 @@ MLFLOW = INFRA / "mlflow"
 COMPOSE = MLFLOW / "compose.yaml"
 NGINX_TEMPLATE = MLFLOW / "nginx" / "default.conf.template"
 SYSTEMD_UNIT = MLFLOW / "systemd" / "mlflow.service"
+RAY_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001}
 
 # Names of settings whose values are credentials.
 SECRET_NAME = re.compile(
@@ -65,194 +65,57 @@ def walk(node, path=()):
             yield from walk(value, (*path, i))
 
 
-def readme_text() -> str:
-    assert README.is_file(), "infra/README.md is missing"
-    return README.read_text()
-
-
-def readme_image() -> str:
-    """The image tag the README tells users to build (the single source of truth)."""
-    match = re.search(r"docker build -f infra/Dockerfile -t (\S+) \.", readme_text())
-    assert match, "README must show `docker build -f infra/Dockerfile -t IMAGE .`"
-    return match.group(1)
-
-
 def dockerfile_args() -> dict[str, str]:
     return dict(re.findall(r"^ARG (\w+)=(\S+)", DOCKERFILE.read_text(), re.MULTILINE))
 
 
-def pyproject_pin(name: str) -> str:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    for dep in deps:
-        match = re.fullmatch(rf"{name}==([\w.]+)", dep.replace(" ", ""))
-        if match:
-            return match.group(1)
-    raise AssertionError(f"pyproject.toml has no `{name}==` pin")
-
-
-# --------------------------------------------------------------------------- #
-# Ray cluster launcher configs
-# --------------------------------------------------------------------------- #
-
-
-def ray_ids(paths):
-    return [p.name for p in paths]
-
-
-def test_ray_cluster_configs_exist():
-    names = {p.name for p in RAY_YAMLS}
-    assert {"cluster-aws.yaml", "cluster-onprem.yaml"} <= names
-
-
-@pytest.mark.parametrize("path", RAY_YAMLS, ids=ray_ids(RAY_YAMLS))
-def test_ray_yaml_matches_ray_schema(path):
-    import ray.autoscaler
-
-    schema_path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
-    schema = json.loads(schema_path.read_text())
-    jsonschema.validate(load_yaml(path), schema)
-
-
-@pytest.mark.parametrize("path", RAY_YAMLS, ids=ray_ids(RAY_YAMLS))
-def test_ray_yaml_survives_ray_config_preparation(path):
-    """Run Ray's own config pipeline as far as it goes without a cloud.
-
-    `ray up` calls commands._bootstrap_config: prepare_config (fillout_defaults
-    + merge_setup_commands + validate_docker_config +
-    fill_node_type_min_max_workers, or prepare_local for on-prem), then the
-    provider's fillout_available_node_types_resources, validate_config and the
-    provider's bootstrap_config. For the local provider all of it is offline,
-    so the whole function runs. For AWS the two provider steps need boto3,
-    credentials and network (instance-type lookup, IAM/subnet/key-pair setup),
-    so only the provider-independent steps run here; `ray up --no-config-cache`
-    does the rest (infra/README.md).
-    """
-    from ray.autoscaler._private import commands
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    config = load_yaml(path)
-    prepared = prepare_config(copy.deepcopy(config))
-    validate_config(prepared)
-    assert prepared["head_node_type"] in prepared["available_node_types"]
-    if config["provider"]["type"] == "local":
-        bootstrapped = commands._bootstrap_config(copy.deepcopy(config), no_config_cache=True)
-        validate_config(bootstrapped)
-    for name, node_type in prepared["available_node_types"].items():
-        assert 0 <= node_type["min_workers"] <= node_type["max_workers"], name
-        assert node_type["max_workers"] <= prepared["max_workers"], name
+# --- Ray cluster launcher configs
 
 
 def _ray_start_args(command: str) -> list[str]:
     """Arguments of the `ray start ...` part of a (possibly compound) shell command."""
     for part in command.split(";"):
-        words = shlex.split(part)
-        if words[:2] == ["ray", "start"]:
+        if (words := shlex.split(part))[:2] == ["ray", "start"]:
             return words[2:]
     raise AssertionError(f"no `ray start` in {command!r}")
 
 
-@pytest.mark.parametrize("path", RAY_YAMLS, ids=ray_ids(RAY_YAMLS))
-def test_ray_start_commands_parse_with_ray_cli(path):
+@pytest.mark.parametrize("path", RAY_YAMLS, ids=[p.name for p in RAY_YAMLS])
+def test_ray_cluster_config_passes_rays_validators(path):
+    """Ray's schema, its `ray up` pipeline (commands._bootstrap_config) as far as it runs
+    offline (all of it for the local provider; AWS needs credentials: `ray up
+    --no-config-cache`), its `ray start` parser, and bash -n on every shell command. The
+    dashboard/job API (no auth) listens on loopback only: reached through `ray dashboard`."""
+    import ray.autoscaler
+    from ray.autoscaler._private import commands
+    from ray.autoscaler._private.util import prepare_config, validate_config
     from ray.scripts.scripts import start
 
     config = load_yaml(path)
-    head = [c for c in config["head_start_ray_commands"] if "ray start" in c]
-    workers = [c for c in config["worker_start_ray_commands"] if "ray start" in c]
-    assert len(head) == 1
-    assert len(workers) == 1
-    head_params = start.make_context("start", _ray_start_args(head[0])).params
-    assert head_params["head"] is True
-    # Dashboard and job API on loopback only: reached through `ray dashboard`.
-    assert head_params["dashboard_host"] == "127.0.0.1"
-    assert head_params["autoscaling_config"] == "~/ray_bootstrap_config.yaml"
-    worker_params = start.make_context("start", _ray_start_args(workers[0])).params
-    assert worker_params["head"] is False
-    assert worker_params["address"] == "$RAY_HEAD_IP:6379"
+    schema = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    jsonschema.validate(config, json.loads(schema.read_text()))
+    validate_config(prepare_config(copy.deepcopy(config)))
+    if config["provider"]["type"] == "local":
+        validate_config(commands._bootstrap_config(copy.deepcopy(config), no_config_cache=True))
 
+    (head,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    (worker,) = [c for c in config["worker_start_ray_commands"] if "ray start" in c]
+    head_params = start.make_context("start", _ray_start_args(head)).params
+    assert head_params["head"] is True and head_params["dashboard_host"] == "127.0.0.1"
+    assert start.make_context("start", _ray_start_args(worker)).params["head"] is False
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="bash not installed")
-@pytest.mark.parametrize("path", RAY_YAMLS, ids=ray_ids(RAY_YAMLS))
-def test_ray_yaml_shell_commands_are_valid_bash(path):
-    config = load_yaml(path)
-    keys = [
-        "initialization_commands",
-        "setup_commands",
-        "head_setup_commands",
-        "worker_setup_commands",
-        "head_start_ray_commands",
-        "worker_start_ray_commands",
-    ]
-    commands = [c for key in keys for c in config.get(key) or []]
+    keys = "initialization_commands setup_commands head_setup_commands worker_setup_commands"
+    keys += " head_start_ray_commands worker_start_ray_commands"
+    shell = [c for key in keys.split() for c in config.get(key) or []]
     for node_type in (config.get("available_node_types") or {}).values():
-        commands += node_type.get("initialization_commands", [])
-        commands += node_type.get("worker_setup_commands", [])
-    assert commands
-    for command in commands:
+        shell += node_type.get("initialization_commands", [])
+        shell += node_type.get("worker_setup_commands", [])
+    for command in shell if shutil.which("bash") else []:
         result = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
         assert result.returncode == 0, f"{command!r}: {result.stderr}"
 
 
-@pytest.mark.parametrize("path", RAY_YAMLS, ids=ray_ids(RAY_YAMLS))
-def test_ray_yaml_uses_the_fbft_image(path):
-    config = load_yaml(path)
-    docker = config["docker"]
-    assert docker["image"] == readme_image()
-    assert "head_image" not in docker
-    assert "worker_image" not in docker
-    for node_type in (config.get("available_node_types") or {}).values():
-        assert "worker_image" not in node_type.get("docker", {})
-    assert docker.get("pull_before_run") is True
-    assert config["idle_timeout_minutes"] > 0
-
-
-def _worker_run_options(config: dict, node_type: dict) -> list[str]:
-    docker = config["docker"]
-    return (
-        docker.get("run_options", [])
-        + docker.get("worker_run_options", [])
-        + node_type.get("docker", {}).get("worker_run_options", [])
-    )
-
-
-def test_aws_cluster_has_cpu_head_and_autoscaling_gpu_workers():
-    config = load_yaml(INFRA / "ray" / "cluster-aws.yaml")
-    assert config["provider"]["type"] == "aws"
-    node_types = config["available_node_types"]
-    head = node_types[config["head_node_type"]]
-    assert head["resources"].get("GPU", 0) == 0
-    assert head["resources"].get("CPU") == 0, "trials must not be scheduled on the head"
-    assert not re.match(r"^(g|p)\d", head["node_config"]["InstanceType"]), "head should be CPU"
-    assert "--gpus all" not in config["docker"].get("run_options", [])
-    assert "--gpus all" not in config["docker"].get("head_run_options", [])
-
-    workers = {n: t for n, t in node_types.items() if n != config["head_node_type"]}
-    gpu_workers = {n: t for n, t in workers.items() if t["resources"].get("GPU", 0) >= 1}
-    assert gpu_workers, "no GPU worker group"
-    for name, node_type in gpu_workers.items():
-        assert node_type["min_workers"] == 0, f"{name} must scale from zero"
-        assert 0 <= node_type["min_workers"] <= node_type["max_workers"] <= config["max_workers"]
-        assert node_type["max_workers"] >= 1
-        assert re.match(r"^(g|p)\d", node_type["node_config"]["InstanceType"]), name
-        assert node_type["resources"]["CPU"] >= 1
-        assert "--gpus all" in _worker_run_options(config, node_type)
-
-
-def test_onprem_cluster_is_local_provider_with_gpu_workers():
-    config = load_yaml(INFRA / "ray" / "cluster-onprem.yaml")
-    provider = config["provider"]
-    assert provider["type"] == "local"
-    assert provider["head_ip"]
-    assert provider["worker_ips"]
-    # prepare_local rejects node types: the local provider makes its own.
-    assert "available_node_types" not in config
-    assert 0 < config["max_workers"] <= len(provider["worker_ips"])
-    assert "--gpus all" in _worker_run_options(config, {})
-    assert "--gpus all" not in config["docker"].get("head_run_options", [])
-
-
-# --------------------------------------------------------------------------- #
-# Kubernetes (KubeRay) manifests
-# --------------------------------------------------------------------------- #
+# --- Kubernetes (KubeRay) manifests
 
 
 def k8s_manifest_files() -> list[Path]:
@@ -267,14 +130,9 @@ def k8s_by_kind(kind: str) -> list[dict]:
     return [doc for _, doc in k8s_docs() if doc.get("kind") == kind]
 
 
-def the_raycluster() -> dict:
-    (cluster,) = k8s_by_kind("RayCluster")
-    return cluster
-
-
-def the_rayjob() -> dict:
-    (job,) = k8s_by_kind("RayJob")
-    return job
+def only(kind: str) -> dict:
+    (doc,) = k8s_by_kind(kind)
+    return doc
 
 
 def ray_pod_specs(cluster_spec: dict) -> dict[str, dict]:
@@ -285,121 +143,48 @@ def ray_pod_specs(cluster_spec: dict) -> dict[str, dict]:
 
 
 def all_cluster_specs() -> list[dict]:
-    specs = [the_raycluster()["spec"]]
-    job_spec = the_rayjob()["spec"]
+    specs = [only("RayCluster")["spec"]]
+    job_spec = only("RayJob")["spec"]
     if "rayClusterSpec" in job_spec:
         specs.append(job_spec["rayClusterSpec"])
     return specs
 
 
-def test_k8s_manifests_parse_with_expected_kinds():
-    docs = k8s_docs()
-    assert docs
-    for path, doc in docs:
-        assert {"apiVersion", "kind", "metadata"} <= doc.keys(), path
-        assert doc["metadata"].get("name"), path
-    kinds = {doc["kind"]: doc["apiVersion"] for _, doc in docs}
-    assert kinds["RayCluster"] == "ray.io/v1"
-    assert kinds["RayJob"] == "ray.io/v1"
-    assert len(k8s_by_kind("RayCluster")) == 1
-    assert len(k8s_by_kind("RayJob")) == 1
-
-
-def test_raycluster_head_cpu_and_autoscaling_gpu_workers():
+def test_raystartparams_are_ray_start_options():
     from ray.scripts.scripts import start
 
-    ray_start_options = {p.name.replace("_", "-") for p in start.params}
+    options = {p.name.replace("_", "-") for p in start.params}
     for spec in all_cluster_specs():
-        assert spec["enableInTreeAutoscaling"] is True
-        head = spec["headGroupSpec"]
-        assert head["rayStartParams"].get("num-cpus") == "0"
-        head_container = head["template"]["spec"]["containers"][0]
-        for section in ("requests", "limits"):
-            assert "nvidia.com/gpu" not in head_container["resources"].get(section, {})
-        gpu_groups = [
-            g
-            for g in spec["workerGroupSpecs"]
-            if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
-        ]
-        assert gpu_groups, "no worker group with nvidia.com/gpu limits"
-        for group in gpu_groups:
-            resources = group["template"]["spec"]["containers"][0]["resources"]
-            assert int(resources["limits"]["nvidia.com/gpu"]) >= 1
-            if "nvidia.com/gpu" in resources.get("requests", {}):
-                assert (
-                    resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]
-                )
-            assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
-            assert group["maxReplicas"] >= 1
-        for group in [head, *spec["workerGroupSpecs"]]:
-            unknown = set(group.get("rayStartParams", {})) - ray_start_options
-            assert not unknown, f"not `ray start` options: {unknown}"
-            assert all(isinstance(v, str) for v in group.get("rayStartParams", {}).values())
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            params = group.get("rayStartParams", {})
+            assert not set(params) - options, f"not `ray start` options: {set(params) - options}"
+            assert all(isinstance(v, str) for v in params.values()), "KubeRay wants strings"
 
 
 def test_ray_versions_agree():
+    """The image's Ray must match the client's (`ray up`, `ray job submit`) and KubeRay's."""
     import ray
 
     version = dockerfile_args()["RAY_VERSION"]
-    assert version == ray.__version__, "image Ray must match the client Ray (ray up/job submit)"
+    assert version == ray.__version__
     for spec in all_cluster_specs():
         assert spec["rayVersion"] == version
 
 
-def test_k8s_uses_the_fbft_image_everywhere():
-    image = readme_image()
-    images = [
-        value
-        for _, doc in k8s_docs()
-        for _, key, value in walk(doc)
-        if key == "image" and isinstance(value, str)
-    ]
-    assert images, "no container image in the manifests"
-    assert set(images) == {image}
-
-
-def test_k8s_volumes_data_read_only_and_cache_shared():
-    claims = {doc["metadata"]["name"] for doc in k8s_by_kind("PersistentVolumeClaim")}
+def test_k8s_pods_non_root_with_read_only_data():
     for spec in all_cluster_specs():
         for group, pod in ray_pod_specs(spec).items():
-            volumes = {v["name"]: v for v in pod["volumes"]}
-            container = pod["containers"][0]
-            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            assert pod["securityContext"]["runAsNonRoot"] is True, group
+            mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
             assert mounts["/data"].get("readOnly") is True, group
-            assert "/cache" in mounts, group
-            data = volumes[mounts["/data"]["name"]]
-            cache = volumes[mounts["/cache"]["name"]]
-            assert data["persistentVolumeClaim"]["claimName"] in claims
-            assert data["persistentVolumeClaim"].get("readOnly") is True
-            assert cache["persistentVolumeClaim"]["claimName"] in claims
-            env = {e["name"]: e for e in container.get("env", [])}
-            assert env["HF_HOME"]["value"].startswith("/cache/"), group
-            assert pod["securityContext"]["runAsNonRoot"] is True
 
 
-def test_rayjob_runs_the_few_shot_study():
-    job = the_rayjob()
-    spec = job["spec"]
-    argv = shlex.split(spec["entrypoint"])
-    assert argv[0] == "python"
-    assert argv[1].endswith("studies/few_shot.py")
-
-    def value(flag: str) -> str:
-        assert flag in argv, f"entrypoint lacks {flag}"
-        return argv[argv.index(flag) + 1]
-
-    assert argv[argv.index("--shots") + 1 : argv.index("--shots") + 4] == ["5", "10", "50"]
-    assert value("--tracking-uri").startswith(("http://", "https://"))
-    assert value("--storage").startswith("s3://")
-    assert value("--cache-dir").startswith("/cache")
-    assert value("--data").startswith("/data")
-    assert value("--format") == "visa"
-    assert float(value("--gpus-per-trial")) == 0.25
-    if "clusterSelector" in spec:
-        assert spec["clusterSelector"]["ray.io/cluster"] == the_raycluster()["metadata"]["name"]
-        assert job["metadata"]["namespace"] == the_raycluster()["metadata"]["namespace"]
-    else:
-        assert "rayClusterSpec" in spec
+def test_rayjob_targets_the_raycluster():
+    job, cluster = only("RayJob"), only("RayCluster")
+    selector = job["spec"].get("clusterSelector")
+    if selector is not None:
+        assert selector["ray.io/cluster"] == cluster["metadata"]["name"]
+        assert job["metadata"]["namespace"] == cluster["metadata"]["namespace"]
 
 
 def test_k8s_credentials_only_from_secret_refs():
@@ -412,15 +197,31 @@ def test_k8s_credentials_only_from_secret_refs():
                 if SECRET_NAME.search(var["name"]):
                     assert "value" not in var, f"{path}: literal value for {var['name']}"
                     assert "secretKeyRef" in var["valueFrom"], f"{path}: {var['name']}"
-    # Every credential the README tells users to put in the Secret is wired in.
-    env_names = {
-        var["name"]
-        for spec in all_cluster_specs()
-        for pod in ray_pod_specs(spec).values()
-        for var in pod["containers"][0].get("env", [])
-        if "valueFrom" in var
-    }
-    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"} <= env_names
+
+
+def test_network_policy_admits_only_the_clusters_own_pods_to_ray_ports():
+    """Ray's ports (GCS, client, the unpinned raylet/worker ports) only from pods of the same
+    cluster; the unauthenticated dashboard/job API (8265) also from RayJob submitters and the
+    KubeRay operator, nothing else. Egress stays open (MLflow, S3, Hugging Face)."""
+    cluster, policy = only("RayCluster"), only("NetworkPolicy")
+    own = {"podSelector": {"matchLabels": {"ray.io/cluster": cluster["metadata"]["name"]}}}
+    spec = policy["spec"]
+    assert policy["metadata"]["namespace"] == cluster["metadata"]["namespace"]
+    assert spec["podSelector"] == own["podSelector"]
+    assert "Egress" not in spec["policyTypes"] or spec.get("egress") == [{}]
+    pods = ray_pod_specs(cluster["spec"]).values()
+    containers = [c for pod in pods for c in pod["containers"]]
+    declared = {p["containerPort"] for c in containers for p in c.get("ports", [])}
+    assert set(RAY_PORTS.values()) <= declared
+    for port in declared:
+        tcp = {"protocol": "TCP", "port": port}
+        rules = [r for r in spec["ingress"] if not r.get("ports") or tcp in r["ports"]]
+        peers = [peer for rule in rules for peer in rule["from"]]  # no `from` would admit all
+        assert own in peers, f"port {port}: the cluster's own pods are cut off"
+        wide = [p for p in peers if "ipBlock" in p or p.get("namespaceSelector") == {}]
+        assert not wide, f"port {port} is open beyond the namespace and the operator: {wide}"
+        if port != RAY_PORTS["dashboard"]:
+            assert peers == [own], f"port {port} is open to {peers}"
 
 
 def test_kustomization_lists_the_cluster_resources():
@@ -428,7 +229,7 @@ def test_kustomization_lists_the_cluster_resources():
     resources = kustomization["resources"]
     for name in resources:
         assert (K8S / name).is_file(), name
-    assert "raycluster.yaml" in resources
+    assert {"raycluster.yaml", "networkpolicy.yaml"} <= set(resources)
     # The RayJob is applied on its own (re-applying the cluster must not touch it).
     for path in k8s_manifest_files():
         kinds = {doc["kind"] for doc in load_yaml_all(path)}
@@ -442,40 +243,34 @@ def test_kustomize_build_offline():
     )
     assert result.returncode == 0, result.stderr
     docs = [d for d in yaml.safe_load_all(result.stdout) if d]
-    assert {d["kind"] for d in docs} >= {"Namespace", "PersistentVolumeClaim", "RayCluster"}
+    assert {d["kind"] for d in docs} >= {"Namespace", "RayCluster", "NetworkPolicy"}
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["podSelector"] == only("NetworkPolicy")["spec"]["podSelector"]
     assert all(d["metadata"].get("namespace", "fbft") == "fbft" for d in docs)
 
 
-# --------------------------------------------------------------------------- #
-# MLflow tracking server
-# --------------------------------------------------------------------------- #
-
-
-def parse_env_file(path: Path) -> dict[str, str]:
-    values = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        assert sep, f"{path}: not KEY=VALUE: {line!r}"
-        values[key.strip()] = value.strip().strip("'\"")
-    return values
+# --- MLflow tracking server
 
 
 INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
 
 
+def parse_env_file(path: Path) -> dict[str, str]:
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    pairs = [line.partition("=") for line in lines if line and not line.startswith("#")]
+    assert all(sep for _, sep, _ in pairs), f"{path}: every line must be KEY=VALUE"
+    return {key.strip(): value.strip().strip("'\"") for key, _, value in pairs}
+
+
 def interpolate(text: str, env: dict[str, str]) -> str:
-    """Docker-compose style ${VAR}, ${VAR:-default}, ${VAR:?error} substitution."""
+    """Docker-compose ${VAR}, ${VAR:-default}, ${VAR:?error}; a required unset one fails."""
 
     def sub(match: re.Match) -> str:
-        name, op, arg = match.group(1), match.group(2), match.group(3)
+        name, op, arg = match.groups()
         if name in env and (env[name] or not (op or "").startswith(":")):
             return env[name]
-        if op in (":-", "-"):
-            return arg
-        raise AssertionError(f"${{{name}}} is not set in .env.example")
+        assert op in (":-", "-"), f"${{{name}}} is not set in the example env file"
+        return arg
 
     return INTERPOLATION.sub(sub, text)
 
@@ -484,112 +279,33 @@ def compose() -> dict:
     return load_yaml(COMPOSE)
 
 
-def env_example() -> dict[str, str]:
-    return parse_env_file(MLFLOW / ".env.example")
-
-
-def test_compose_parses_with_expected_services():
-    services = compose()["services"]
-    assert {"postgres", "minio", "mlflow", "nginx"} <= services.keys()
-    for name, service in services.items():
-        assert "image" in service or "build" in service, name
-        for dep in service.get("depends_on", {}):
-            assert dep in services, f"{name} depends on unknown {dep}"
-        for net in service.get("networks", []):
-            assert net in compose()["networks"], f"{name}: unknown network {net}"
-
-
-def compose_strings(node) -> list[str]:
-    """Every string in the parsed compose file (comments are not interpolated)."""
-    if isinstance(node, dict):
-        return [s for k, v in node.items() for s in (*compose_strings(k), *compose_strings(v))]
-    if isinstance(node, list):
-        return [s for v in node for s in compose_strings(v)]
-    return [node] if isinstance(node, str) else []
-
-
-def test_compose_variables_are_all_defined_in_env_example():
-    env = env_example()
-    strings = compose_strings(compose())
-    used = set()
-    for text in strings:
-        for match in INTERPOLATION.finditer(text):
-            name, op = match.group(1), match.group(2)
-            used.add(name)
-            assert name in env or op in (":-", "-"), f"${{{name}}} missing from .env.example"
-        interpolate(text, env)  # raises on an unset required variable
-    assert {"POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"} <= used
-
-
-def mlflow_server_params() -> dict:
+def test_compose_resolves_and_mlflow_cli_accepts_its_command():
+    """Every ${VAR} of compose.yaml resolves from .env.example; the installed MLflow parses the
+    server flags; no password in the backend URI (libpq reads PGPASSWORD); allowed hosts set."""
     import mlflow.cli
 
+    env = parse_env_file(MLFLOW / ".env.example")
+    interpolate(json.dumps(compose()), env)
     command = compose()["services"]["mlflow"]["command"]
-    assert isinstance(command, list), "use the exec (list) form for the mlflow command"
-    argv = [interpolate(str(arg), env_example()) for arg in command]
-    assert argv[:2] == ["mlflow", "server"]
-    # The installed MLflow's own CLI parser: unknown or malformed flags fail here.
-    return mlflow.cli.server.make_context("server", argv[2:]).params
-
-
-def test_compose_mlflow_uses_postgres_and_proxied_s3_artifacts():
-    params = mlflow_server_params()
-    backend = urlparse(params["backend_store_uri"])
-    assert backend.scheme.startswith("postgresql")
-    assert backend.password is None, "no password in the URI (libpq reads PGPASSWORD)"
-    assert params["artifacts_destination"].startswith("s3://")
-    assert params["serve_artifacts"] is True
+    argv = [interpolate(str(arg), env) for arg in command]
+    assert argv[:2] == ["mlflow", "server"], "use the exec (list) form"
+    params = mlflow.cli.server.make_context("server", argv[2:]).params
+    assert urlparse(params["backend_store_uri"]).password is None
     assert params["allowed_hosts"] and params["allowed_hosts"].strip() != "*"
-    env = compose()["services"]["mlflow"]["environment"]
-    assert env["PGPASSWORD"].startswith("${")
-    assert "MLFLOW_S3_ENDPOINT_URL" in env
-
-
-def _published_ports(service: dict) -> list[tuple[str | None, str]]:
-    """(host_ip, spec) for each published port, short and long syntax."""
-    out = []
-    for port in service.get("ports", []):
-        if isinstance(port, dict):
-            out.append((port.get("host_ip"), str(port)))
-            continue
-        spec = str(port)
-        parts = spec.rsplit(":", 2)
-        out.append((parts[0] if len(parts) == 3 else None, spec))
-    return out
 
 
 def test_compose_only_the_authenticated_proxy_is_exposed():
-    services = compose()["services"]
-    env = env_example()
-    for name, service in services.items():
-        assert "network_mode" not in service or service["network_mode"] != "host", name
-        for host_ip, spec in _published_ports(service):
-            if name == "nginx":
-                continue
-            assert host_ip == "127.0.0.1", f"{name} publishes {spec} beyond loopback"
-    for name in ("postgres",):
-        assert not services[name].get("ports"), f"{name} must not be published"
-    assert compose()["networks"]["backend"].get("internal") is True
-    assert "backend" in services["postgres"]["networks"]
-    assert "frontend" not in services["postgres"]["networks"]
-    nginx_ports = [interpolate(spec, env) for _, spec in _published_ports(services["nginx"])]
-    assert any(p.endswith(":443:443") for p in nginx_ports)
-    # The proxy is exposed, so it must authenticate and encrypt (checked below).
-    nginx_mounts = " ".join(services["nginx"]["volumes"])
-    assert "default.conf.template" in nginx_mounts
-    assert "htpasswd" in nginx_mounts
-
-
-def test_compose_secrets_come_from_env_file():
-    for name, service in compose()["services"].items():
-        environment = service.get("environment", {})
-        if isinstance(environment, list):
-            environment = dict(item.split("=", 1) for item in environment)
-        for key, value in environment.items():
-            if SECRET_NAME.search(key):
-                assert re.fullmatch(r"\$\{[A-Z0-9_]+(:?[?-][^}]*)?\}", str(value)), (
-                    f"{name}.{key} must be interpolated from .env, got {value!r}"
-                )
+    """MLflow, MinIO and Postgres publish nothing beyond 127.0.0.1; nginx (TLS + auth) does."""
+    config = compose()
+    for name, service in config["services"].items():
+        assert service.get("network_mode") != "host", name
+        for port in service.get("ports", []):
+            host_ip = port.get("host_ip") if isinstance(port, dict) else None
+            if isinstance(port, str) and port.count(":") == 2:
+                host_ip = port.split(":")[0]
+            assert name == "nginx" or host_ip == "127.0.0.1", f"{name} publishes {port}"
+    assert not config["services"]["postgres"].get("ports")
+    assert config["networks"]["backend"].get("internal") is True
 
 
 def test_env_examples_hold_only_placeholders():
@@ -603,12 +319,7 @@ def test_env_examples_hold_only_placeholders():
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
 def test_local_secret_files_are_git_ignored():
-    for rel in (
-        "infra/mlflow/.env",
-        "infra/mlflow/htpasswd",
-        "infra/mlflow/certs/tls.key",
-        "infra/mlflow/certs/tls.crt",
-    ):
+    for rel in ("infra/mlflow/.env", "infra/mlflow/htpasswd", "infra/mlflow/certs/tls.key"):
         result = subprocess.run(["git", "check-ignore", "-q", rel], cwd=ROOT)
         assert result.returncode == 0, f"{rel} is not git-ignored"
     result = subprocess.run(["git", "check-ignore", "-q", "infra/mlflow/.env.example"], cwd=ROOT)
@@ -640,8 +351,7 @@ def test_nginx_proxy_requires_tls_and_basic_auth():
     body = tls[0]
     assert re.search(r"^\s*auth_basic\s+\"[^\"]+\";", body, re.MULTILINE)
     assert re.search(r"^\s*auth_basic_user_file\s+\S+;", body, re.MULTILINE)
-    assert "ssl_certificate " in body
-    assert "ssl_certificate_key " in body
+    assert "ssl_certificate " in body and "ssl_certificate_key " in body
     # auth may be switched off only for the health probe
     for location in re.findall(r"location\s+([^{]+)\{([^}]*)\}", body):
         if "auth_basic off" in location[1]:
@@ -666,15 +376,9 @@ def test_nginx_config_passes_nginx_t(tmp_path):
         rendered = rendered.replace("http2 on;", "")
     certs = tmp_path / "certs"
     certs.mkdir()
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-subj", "/CN=mlflow.example.com",
-            "-keyout", str(certs / "tls.key"), "-out", str(certs / "tls.crt"),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
+    openssl = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=mlflow.example.com"
+    argv = [*openssl.split(), "-keyout", certs / "tls.key", "-out", certs / "tls.crt"]
+    subprocess.run(argv, check=True, capture_output=True)
     rendered = rendered.replace("/etc/nginx/certs/", f"{certs}/").replace(
         "/etc/nginx/htpasswd", str(tmp_path / "htpasswd")
     )
@@ -685,11 +389,8 @@ def test_nginx_config_passes_nginx_t(tmp_path):
         "events {}\n"
         f"http {{ access_log off; include {tmp_path}/mlflow.conf; }}\n"
     )
-    result = subprocess.run(
-        ["nginx", "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-        capture_output=True,
-        text=True,
-    )
+    argv = ["nginx", "-t", "-p", tmp_path, "-c", tmp_path / "nginx.conf"]
+    result = subprocess.run(argv, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
@@ -712,93 +413,36 @@ def test_systemd_unit_binds_loopback_and_reads_an_environment_file():
     assert directives["User"][0] not in ("root", "0")
     (exec_start,) = directives["ExecStart"]
     argv = shlex.split(exec_start)
-    assert argv[0].endswith("/mlflow")
     assert argv[1] == "server"
-    assert argv[argv.index("--host") + 1] == "127.0.0.1"
-    assert "--artifacts-destination" in argv
-    assert "--serve-artifacts" in argv
+    assert argv[argv.index("--host") + 1] == "127.0.0.1", "only the TLS proxy is public"
     # Secrets stay in the EnvironmentFile: only ${VAR} references on the command line.
-    backend = argv[argv.index("--backend-store-uri") + 1]
-    assert backend.startswith("${")
+    assert argv[argv.index("--backend-store-uri") + 1].startswith("${")
     env = parse_env_file(MLFLOW / "systemd" / "mlflow.env.example")
-    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
-    assert urlparse(env["MLFLOW_BACKEND_STORE_URI"]).password is None
-    for ref in re.findall(r"\$\{(\w+)\}", exec_start):
-        assert ref in env, f"{ref} missing from mlflow.env.example"
     import mlflow.cli
 
-    mlflow.cli.server.make_context(
-        "server", [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], a) for a in argv[2:]]
-    )
+    mlflow.cli.server.make_context("server", [interpolate(a, env) for a in argv[2:]])
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
 def test_systemd_unit_passes_systemd_analyze_verify():
-    result = subprocess.run(
-        ["systemd-analyze", "verify", str(SYSTEMD_UNIT)], capture_output=True, text=True
-    )
-    problems = [
-        line
-        for line in (result.stdout + result.stderr).splitlines()
-        # The venv only exists on the server.
-        if line.strip() and "is not executable: No such file or directory" not in line
-    ]
+    argv = ["systemd-analyze", "verify", SYSTEMD_UNIT]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    lines = (result.stdout + result.stderr).splitlines()  # the venv only exists on the server
+    problems = [line for line in lines if line.strip() and "is not executable" not in line]
     assert not problems, "\n".join(problems)
 
 
-# --------------------------------------------------------------------------- #
-# Dockerfile
-# --------------------------------------------------------------------------- #
+# --- Dockerfile
 
 
-def dockerfile_env(text: str) -> dict[str, str]:
-    """KEY=VALUE pairs of all ENV instructions (continuation lines joined)."""
-    joined = re.sub(r"\\\n\s*", " ", text)
-    env = {}
-    for line in joined.splitlines():
-        if line.startswith("ENV "):
-            env.update(dict(re.findall(r"(\w+)=(\S+)", line[4:])))
-    return env
-
-
-def test_dockerfile_cuda_base_package_install_and_non_root_user():
-    text = DOCKERFILE.read_text()
-    args = dockerfile_args()
-    froms = re.findall(r"^FROM\s+(\S+)", text, re.MULTILINE)
-    final = froms[-1]
-    if final.startswith("${"):
-        final = args[final.strip("${}")]
-    assert re.fullmatch(
-        r"nvidia/cuda:\d+\.\d+\.\d+-(base|runtime|cudnn-runtime)-ubuntu\d+\.\d+", final
-    )
-    assert args["PYTHON_VERSION"] == "3.11"
-    assert args["TORCH_VERSION"] == pyproject_pin("torch")
-    assert args["TORCHVISION_VERSION"] == pyproject_pin("torchvision")
-    assert re.search(r"^COPY (--chown=\S+ )?\. /app$", text, re.MULTILINE)
-    assert re.search(r"^RUN pip install /app\b", text, re.MULTILINE)
-    assert re.search(r'"ray\[[^\]]*tune[^\]]*\]==\$\{RAY_VERSION\}"', text)
-    users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
+def test_image_runs_non_root_and_keeps_secrets_out_of_the_build_context():
+    users = re.findall(r"^USER\s+(\S+)", DOCKERFILE.read_text(), re.MULTILINE)
     assert users and users[-1] not in ("root", "0", "0:0")
-    env = dockerfile_env(text)
-    assert env["HF_HOME"].startswith("/cache/"), "weights must land on the cache volume"
-    # The Ray cluster launcher reads HOME from the image config (else assumes /root).
-    assert env["HOME"].startswith("/home/")
-    assert env["PATH"].startswith("/opt/venv/bin")
-    assert not re.search(r"^ENTRYPOINT", text, re.MULTILINE), "Ray/KubeRay supply the command"
+    ignored = set((INFRA / "Dockerfile.dockerignore").read_text().split())
+    assert {".git", ".venv", "**/.env"} <= ignored
 
 
-def test_dockerignore_keeps_local_state_out_of_the_build_context():
-    patterns = {
-        line.strip()
-        for line in (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    }
-    assert {".git", ".venv", "mlruns", "ray_results", "**/.env"} <= patterns
-
-
-# --------------------------------------------------------------------------- #
-# Secrets scan and README
-# --------------------------------------------------------------------------- #
+# --- Secrets scan and README
 
 SECRET_PATTERNS = [
     re.compile(r"AKIA[0-9A-Z]{16}"),  # AWS access key id
@@ -819,18 +463,6 @@ SAFE_VALUE = re.compile(
 )
 
 
-def infra_text_files() -> list[Path]:
-    files = []
-    for path in sorted(INFRA.rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts:
-            try:
-                path.read_text()
-            except UnicodeDecodeError:
-                continue
-            files.append(path)
-    return files
-
-
 def find_secrets(text: str) -> list[str]:
     hits = [m.group(0) for pattern in SECRET_PATTERNS for m in pattern.finditer(text)]
     for m in ASSIGNMENT.finditer(text):
@@ -840,14 +472,12 @@ def find_secrets(text: str) -> list[str]:
 
 
 def test_no_literal_secrets_anywhere_under_infra():
-    files = infra_text_files()
+    files = [p for p in INFRA.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     assert len(files) > 10
-    for path in files:
-        # .env / htpasswd / certs would be local files; they must not exist in the tree
-        # that gets committed (git-ignored) -- skip them if a developer has them locally.
+    for path in files:  # local, git-ignored secret files a developer may have are skipped
         if path.name in (".env", "htpasswd") or "certs" in path.parts:
             continue
-        hits = find_secrets(path.read_text())
+        hits = find_secrets(path.read_text(errors="replace"))
         assert not hits, f"{path.relative_to(ROOT)}: {hits}"
 
 
@@ -870,34 +500,18 @@ def test_secret_scan_detects_literals():
         assert not find_secrets(ok), ok
 
 
-def test_readme_covers_the_workflow():
-    text = readme_text()
-    for needle in [
-        "docker build -f infra/Dockerfile",
-        "docker push",
-        "ray up infra/ray/cluster-aws.yaml",
-        "ray dashboard infra/ray/cluster-aws.yaml",
-        "ray job submit --address http://127.0.0.1:8265",
-        "--address auto",
-        "kubectl apply -k infra/k8s",
-        "kubectl apply -f infra/k8s/rayjob-few-shot.yaml",
-        "--dry-run=server",
-        "--no-config-cache",
-        "docker compose",
-        "--tracking-uri",
-        "--storage",
-        "--cache-dir",
-        "--gpus-per-trial 0.25",
-        "--resume",
-        "s3://",
-    ]:
-        assert needle in text, f"README lacks {needle!r}"
-    for rel in sorted(set(re.findall(r"\binfra/[\w./-]+[\w/]", text))):
+def readme_text() -> str:
+    assert README.is_file(), "infra/README.md is missing"
+    return README.read_text()
+
+
+def test_readme_refers_to_existing_files():
+    for rel in sorted(set(re.findall(r"\binfra/[\w./-]+[\w/]", readme_text()))):
         assert (ROOT / rel).exists(), f"README refers to missing {rel}"
 
 
 def few_shot_flags_in_docs() -> set[str]:
-    commands = [the_rayjob()["spec"]["entrypoint"]]
+    commands = [only("RayJob")["spec"]["entrypoint"]]
     commands += re.findall(r"studies/few_shot\.py[^\n]*(?:\\\n[^\n]*)*", readme_text())
     return {flag for command in commands for flag in re.findall(r"(?<!\S)--[a-z][\w-]*", command)}
 

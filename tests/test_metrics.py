@@ -346,3 +346,77 @@ def test_errors_are_clear():
         evaluate([bad], [g])
     with pytest.raises(ValueError, match="2 maps but 1 masks"):
         evaluate([m, m], [g])
+
+
+@pytest.mark.parametrize(
+    ("labels", "found"), [([0, 2, 0, 2, 0], r"\[0, 2\]"), ([-1, 1, 1, -1, 1], r"\[-1, 1\]")]
+)
+def test_non_binary_labels_are_refused_with_the_values_found(labels, found):
+    """{0, 2} used to divide by zero and {-1, 1} to give NaN silently."""
+    maps, masks = random_case(np.random.default_rng(2))
+    with pytest.raises(ValueError, match=rf"labels must be binary.*found the values {found}"):
+        evaluate(maps, masks, labels=labels)
+    acc = MetricAccumulator()
+    with pytest.raises(ValueError, match=r"labels\[0\] is 2"):
+        acc.update(maps[0], masks[0], label=2)
+    assert len(acc) == 0
+
+
+def test_bool_numpy_and_tensor_labels_equal_int_labels():
+    maps, masks = random_case(np.random.default_rng(3))
+    ints = [1, 0, 0, 1, 0]
+    expected = evaluate(maps, masks, labels=ints)
+    for labels in (
+        [bool(v) for v in ints],
+        np.array(ints, dtype=bool),
+        torch.tensor(ints),
+        [1.0, 0.0, 0.0, 1.0, 0.0],
+    ):
+        assert evaluate(maps, masks, labels=labels) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_torch_maps_masks_and_scores_of_any_dtype(dtype):
+    """Tensors as a model returns them (requires_grad, half precision) give the numpy result."""
+    maps, masks = random_case(np.random.default_rng(4), levels=8)
+    tensors = [torch.tensor(m, dtype=dtype, requires_grad=True) for m in maps]
+    widened = [t.detach().float().double().numpy() for t in tensors]  # the same values in numpy
+    scores = torch.linspace(0, 1, len(maps), dtype=dtype, requires_grad=True)
+    ours = evaluate(tensors, [torch.from_numpy(g) for g in masks], scores=scores)
+    expected = evaluate(widened, masks, scores=[float(s) for s in scores.detach().float()])
+    assert ours == pytest.approx(expected, nan_ok=True)
+    assert evaluate(torch.stack(tensors), torch.from_numpy(np.stack(masks))) == pytest.approx(
+        evaluate(widened, masks), nan_ok=True
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_are_accepted():
+    maps, masks = random_case(np.random.default_rng(5))
+    cuda = [torch.tensor(m, device="cuda", requires_grad=True) for m in maps]
+    masks_cuda = [torch.tensor(g, device="cuda") for g in masks]
+    assert evaluate(cuda, masks_cuda) == pytest.approx(evaluate(maps, masks), nan_ok=True)
+
+
+def test_meaningless_inputs_are_refused_naming_argument_and_index():
+    maps, masks = random_case(np.random.default_rng(6))
+    cases = [
+        ({1: torch.tensor(maps[1], dtype=torch.complex64)}, {}, {}, r"maps\[1\].*complex"),
+        ({}, {0: masks[0].astype(np.complex128)}, {}, r"masks\[0\].*complex"),
+        ({0: maps[0][None]}, {}, {}, r"maps\[0\].*shape \(1, 17, 23\)"),
+        (
+            {2: np.where(np.eye(17, 23, dtype=bool), -np.inf, maps[2])},
+            {},
+            {},
+            r"maps\[2\].*NaN or inf",
+        ),
+        ({3: np.array(["a"] * 4)}, {}, {}, r"maps\[3\].*dtype <U1"),
+        ({}, {}, {1: float("nan")}, r"scores\[1\].*finite"),
+        ({}, {}, {4: torch.ones(2)}, r"scores\[4\].*one real number"),
+    ]
+    for map_changes, mask_changes, score_changes, message in cases:
+        m = [map_changes.get(i, v) for i, v in enumerate(maps)]
+        g = [mask_changes.get(i, v) for i, v in enumerate(masks)]
+        s = [score_changes.get(i, 0.5) for i in range(len(maps))]
+        with pytest.raises(ValueError, match=message):
+            evaluate(m, g, scores=s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path, PurePosixPath
 
 from fbft.data.common import (
@@ -42,6 +43,22 @@ def _rows(root: Path) -> list[dict[str, str]]:
         ) from err
 
 
+def _inside(root: Path, row_number: int, column: str, value: str) -> Path:
+    """`root / value`, refusing a split-file path that is absolute or climbs out of the root.
+
+    The check is lexical (normalised `..`, not `resolve()`): the CSV text is what is untrusted,
+    while symlinked image folders inside a root (common on shared storage) stay readable.
+    """
+    base = Path(os.path.normpath(root.absolute()))
+    path = Path(os.path.normpath(base / value))  # an absolute `value` replaces `base` here
+    if not path.is_relative_to(base):
+        raise DatasetFormatError(
+            f"{root / SPLIT_CSV}, row {row_number}: {column} path {value!r} points outside the "
+            f"dataset root {root}; split-file paths must be relative to the root without '..'"
+        )
+    return root / value
+
+
 def categories(root: Path) -> list[str]:
     """Objects listed in the split file of an original VisA release, sorted."""
     return sorted({row["object"] for row in _rows(root)})
@@ -57,19 +74,24 @@ def read(root: Path, category: str, split: str) -> Dataset:
     known = sorted({row["object"] for row in rows})
     if category not in known:
         raise unknown_category(category, known, root / SPLIT_CSV)
+    # Row numbers as in the file: the header is row 1.
     selected = sorted(
-        (row for row in rows if row["object"] == category and row["split"] == split),
-        key=lambda row: row["image"],
+        (
+            (number, row)
+            for number, row in enumerate(rows, start=2)
+            if row["object"] == category and row["split"] == split
+        ),
+        key=lambda item: item[1]["image"],
     )
     samples = []
-    for row in selected:
+    for number, row in selected:
         label = LABELS.get(row["label"])
         if label is None:
             raise DatasetFormatError(
                 f"{root / SPLIT_CSV}: row for {row['image']} has label {row['label']!r}; "
                 f"expected one of {', '.join(LABELS)}"
             )
-        image = root / row["image"]
+        image = _inside(root, number, "image", row["image"])
         if not image.is_file():
             raise DatasetNotFoundError(f"image {image} listed in {root / SPLIT_CSV} does not exist")
         if label == 0:
@@ -77,7 +99,7 @@ def read(root: Path, category: str, split: str) -> Dataset:
             continue
         stem = PurePosixPath(row["image"]).stem
         expected = (
-            root / row["mask"]
+            _inside(root, number, "mask", row["mask"])
             if row["mask"]
             else root / category / "Data" / "Masks" / "Anomaly" / f"{stem}.png"
         )

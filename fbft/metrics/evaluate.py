@@ -80,20 +80,32 @@ class MetricAccumulator:
         score: float | None = None,
     ) -> None:
         """Add one image: its HxW map, its HxW ground-truth mask (bool or 0/1), optionally its
-        label (default: mask has any positive pixel) and image score (default: mean of the top
-        max(1, int(0.001·H·W)) map values)."""
+        label (0/1 or bool; default: mask has any positive pixel) and image score (default: mean
+        of the top max(1, int(0.001·H·W)) map values).
+
+        numpy arrays or torch tensors of any real dtype and device (detached, copied to the CPU;
+        float16/bfloat16 widened to float32). Errors name the argument as ``maps[i]`` etc., with
+        ``i`` the image's position in this accumulator.
+        """
         index = len(self._labels)
-        values = np.asarray(anomaly_map)
-        truth = np.asarray(mask)
+        values = _array(anomaly_map, "maps", index)
+        truth = _array(mask, "masks", index)
         if values.ndim != 2 or truth.shape != values.shape:
             raise ValueError(
-                f"image {index}: the map has shape {values.shape} but the mask has shape "
-                f"{truth.shape}; both must be the same HxW (upsample maps to the mask's size)"
+                f"image {index}: the map (maps[{index}]) has shape {values.shape} but the mask "
+                f"(masks[{index}]) has shape {truth.shape}; both must be the same HxW (squeeze "
+                "batch/channel axes, upsample maps to the mask's size)"
             )
         if not np.issubdtype(values.dtype, np.floating):
             values = values.astype(np.float64)
         if not np.isfinite(values).all():
-            raise ValueError(f"image {index}: the anomaly map contains NaN or inf values")
+            raise ValueError(
+                f"image {index}: the anomaly map (maps[{index}]) contains NaN or inf values"
+            )
+        if truth.dtype.kind == "f" and not np.isfinite(truth).all():
+            raise ValueError(f"image {index}: the mask (masks[{index}]) contains NaN or inf")
+        label = None if label is None else _label(label, index)
+        score = None if score is None else _score(score, index)
         truth = truth != 0
         if truth.any():
             labeled, n = ndimage.label(truth, structure=EIGHT_CONNECTED)
@@ -105,8 +117,8 @@ class MetricAccumulator:
             self._sizes.append(np.bincount(flat[where], minlength=n + 1)[1:])
         else:
             self._nominal.append(values.ravel().copy())
-        self._labels.append(int(truth.any()) if label is None else int(label))
-        self._scores.append(image_score(values) if score is None else float(score))
+        self._labels.append(int(truth.any()) if label is None else label)
+        self._scores.append(image_score(values) if score is None else score)
         self._sorted = None
 
     def compute(self, num_thresholds: int | str | None = "default") -> dict[str, float]:
@@ -192,7 +204,14 @@ def evaluate(
     for name, seq in (("masks", masks), ("labels", labels), ("scores", scores)):
         if seq is not None and len(seq) != len(maps):
             raise ValueError(f"got {len(maps)} maps but {len(seq)} {name}")
-    acc = MetricAccumulator(num_thresholds, pixels=sum(np.asarray(m).size for m in maps))
+    if labels is not None:  # every bad value at once: a {-1, 1} or {0, 2} convention is common
+        found = sorted({_label_value(v, i) for i, v in enumerate(labels)}, key=float)
+        if not set(found) <= {0, 1}:
+            raise ValueError(
+                f"labels must be binary (0/1 or bool, 1 = anomalous); found the values {found} "
+                "(map another convention such as -1/1 or 0/2 to 0/1 first)"
+            )
+    acc = MetricAccumulator(num_thresholds, pixels=sum(_numel(m) for m in maps))
     for i, (m, g) in enumerate(zip(maps, masks, strict=True)):
         acc.update(
             m,
@@ -201,6 +220,70 @@ def evaluate(
             None if scores is None else scores[i],
         )
     return acc.compute()
+
+
+def _array(value: np.ndarray | torch.Tensor, name: str, index: int) -> np.ndarray:
+    """A numpy view of a map or mask; tensors detached and copied to the CPU, half precisions
+    widened to float32 (numpy sorts neither bfloat16 nor reliably float16)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_complex():
+            raise ValueError(
+                f"{name}[{index}] is a complex tensor ({value.dtype}); give real values"
+            )
+        value = value.detach().cpu()
+        if value.dtype in (torch.float16, torch.bfloat16):
+            value = value.float()
+        return value.numpy()
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise ValueError(
+            f"{name}[{index}] has dtype {array.dtype}; give a real-valued array (bool, int, float)"
+        )
+    return array.astype(np.float32) if array.dtype == np.float16 else array
+
+
+def _numel(value: np.ndarray | torch.Tensor) -> int:
+    return value.numel() if isinstance(value, torch.Tensor) else int(np.size(value))
+
+
+def _scalar(value: object, name: str, index: int) -> float | int | bool:
+    """One Python number from a number, a numpy scalar or a one-element tensor on any device."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(
+                f"{name}[{index}] must be one real number, got a {value.dtype} tensor of shape "
+                f"{tuple(value.shape)}"
+            )
+        return value.detach().cpu().item()
+    array = np.asarray(value)
+    if array.size != 1 or array.dtype.kind not in "biuf":
+        raise ValueError(
+            f"{name}[{index}] must be one real number, got {value!r} (dtype {array.dtype})"
+        )
+    return array.item()
+
+
+def _label_value(value: object, index: int) -> int | float:
+    """The label as an int when it is integral (True → 1, 1.0 → 1), else unchanged for the
+    error message."""
+    number = _scalar(value, "labels", index)
+    return int(number) if float(number).is_integer() else number
+
+
+def _label(value: object, index: int) -> int:
+    label = _label_value(value, index)
+    if label not in (0, 1):
+        raise ValueError(
+            f"labels[{index}] is {label!r}; labels must be binary (0/1 or bool, 1 = anomalous)"
+        )
+    return int(label)
+
+
+def _score(value: object, index: int) -> float:
+    score = float(_scalar(value, "scores", index))
+    if not np.isfinite(score):
+        raise ValueError(f"scores[{index}] is {score}; image scores must be finite")
+    return score
 
 
 class _Scores:
