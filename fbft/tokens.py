@@ -4,13 +4,15 @@ A category at 1036² holds 2 × 5476 × 768 float32 per image (~34 MB), so thous
 not fit in memory. A :class:`TokenStore` keeps each image's ``(f_j, f_k)`` on the device while
 they fit its budget, then in (pinned, on CUDA) host memory, then in files: arrays that already
 are ``np.memmap`` (feature-cache entries) are referenced, not copied; in-memory arrays beyond the
-budget are spilled to a temporary folder of ``.npy`` files, deleted on :meth:`TokenStore.close`.
+budget are spilled to a temporary folder of raw files, deleted on :meth:`TokenStore.close`.
 Whatever the tier, :meth:`TokenStore.batch` gives the same float32 values, so training is
 bit-identical.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -53,6 +55,26 @@ def budgets(max_token_gb: float | None, device: torch.device) -> tuple[int, int]
     cap = int(max_token_gb * 1e9)
     on_device = min(cap, free_device)
     return on_device, cap - on_device
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand memory that the C allocator keeps after frees back to the OS (glibc only).
+
+    glibc raises its mmap threshold after large frees, so the next large buffers come from the
+    heap and their freed space stays resident: without this, the teacher's and the students'
+    transient buffers grow peak RSS with the number of batches even though tokens are on disk.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _nbytes(a: Any) -> int:
@@ -105,7 +127,9 @@ class TokenStore:
                 self._entries.append((tier, self._place(f_j, tier), self._place(f_k, tier)))
                 self.tiers.add("host" if self.device.type == "cpu" else tier)
                 return
-        self._entries.append(("file", self._write(f_j, f_k), None))
+        f_j, f_k = _numpy(f_j), _numpy(f_k)
+        self._entries.append(("file", self._write(f_j, f_k), (f_j.shape, f_j.dtype)))
+        release_free_memory()
         self.tiers.add("memmap")
 
     def _place(self, a: Any, tier: str) -> torch.Tensor:
@@ -115,30 +139,41 @@ class TokenStore:
         t = t.to("cpu", copy=t.device.type == "cpu")
         return t.pin_memory() if self.device.type == "cuda" else t
 
-    def _write(self, f_j: Any, f_k: Any) -> Path:
+    def _write(self, f_j: np.ndarray, f_k: np.ndarray) -> Path:
         if self._spill is None:
             self._spill = Path(tempfile.mkdtemp(prefix="fbft-tokens-"))
-        path = self._spill / f"{len(self._entries)}.npy"
-        np.save(path, np.stack([_numpy(f_j), _numpy(f_k)]))
+        path = self._spill / f"{len(self._entries)}.bin"
+        with open(path, "wb") as f:
+            np.ascontiguousarray(f_j).tofile(f)
+            np.ascontiguousarray(f_k).tofile(f)
         return path
 
-    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fill(self, index: int, out_j: torch.Tensor, out_k: torch.Tensor) -> None:
+        """Copy image ``index``'s tokens into the float32 slots ``out_j``/``out_k``."""
         kind, f_j, f_k = self._entries[index]
-        if kind == "file":
-            pair = np.load(f_j)  # a plain read: no mapping that would stay resident
-            return torch.from_numpy(pair[0]), torch.from_numpy(pair[1])
+        if kind == "file":  # a plain read into the slots: no mapping that would stay resident
+            _read_raw_pair(f_j, f_k[1], out_j, out_k)
+            return
         if kind == "memmap":
-            return torch.from_numpy(np.array(f_j)), torch.from_numpy(np.array(f_k))
-        return f_j, f_k
+            f_j, f_k = torch.from_numpy(np.array(f_j)), torch.from_numpy(np.array(f_k))
+        out_j.copy_(f_j, non_blocking=True)
+        out_k.copy_(f_k, non_blocking=True)
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens of the given images as float32 ``(B, N, D)`` tensors on the device."""
-        pairs = [self._load(int(i)) for i in indices]
-        out = []
-        for side in (0, 1):
-            parts = [p[side].to(self.device, torch.float32, non_blocking=True) for p in pairs]
-            out.append(torch.stack(parts))
-        return out[0], out[1]
+        kind, first, second = self._entries[int(indices[0])]
+        shape = second[0] if kind == "file" else tuple(first.shape)
+        staging = (
+            "cpu" if any(self._entries[int(i)][0] in ("file", "memmap") for i in indices) else None
+        )
+        device = staging or self.device
+        out_j = torch.empty((len(indices), *shape), dtype=torch.float32, device=device)
+        out_k = torch.empty_like(out_j)
+        for slot, i in enumerate(indices):
+            self._fill(int(i), out_j[slot], out_k[slot])
+        if staging:
+            release_free_memory()
+        return out_j.to(self.device), out_k.to(self.device)
 
     def close(self) -> None:
         """Delete the spill folder (if any) and drop the references."""
@@ -152,6 +187,17 @@ class TokenStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_raw_pair(path: Path, dtype: np.dtype, out_j: torch.Tensor, out_k: torch.Tensor) -> None:
+    """Read a file of f_j then f_k (raw, C order) into two float32 CPU slots."""
+    with open(path, "rb") as f:
+        for out in (out_j, out_k):
+            if dtype == np.float32:
+                f.readinto(memoryview(out.numpy()).cast("B"))
+            else:
+                part = np.fromfile(f, dtype=dtype, count=out.numel())
+                out.copy_(torch.from_numpy(part).reshape(out.shape))
 
 
 def _numpy(a: Any) -> np.ndarray:
