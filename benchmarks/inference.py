@@ -4,8 +4,8 @@ Stage times come from the model's own ``FBFT.predict_detailed`` (``Prediction.se
 students, maps; CUDA-synchronised), medians after warm-up; the CPU pre-processing (pad + bicubic
 resize of a 1500×1500 image) is reported apart, and end to end (``FBFT.predict``) includes it.
 Maps are made at 1500×1500, a VisA image. Teachers are random-init (same FLOPs as pretrained;
-denormals flushed on the CPU, as pretrained weights do not produce them). FLOPs are counted with torch.utils.flop_counter;
-MFU = (teacher + students FLOPs) / their time / the device's peak.
+denormals flushed on the CPU, as pretrained weights do not produce them). FLOPs are counted
+with torch.utils.flop_counter; MFU = (teacher + students FLOPs) / their time / the device's peak.
 """
 
 from __future__ import annotations

@@ -86,8 +86,8 @@ from fbft import FBFT, FBFTConfig
 n = int(sys.argv[1])
 cfg = FBFTConfig(
     backbone="vit_small_patch14_reg4_dinov2", weights="random", image_size=700, layers=(1, 2),
-    backbone_kwargs={"depth": 2, "embed_dim": 384, "num_heads": 6, "mlp_ratio": 1.0}, student_width=32,
-    epochs=1, progress=False, device="cpu", max_token_gb=0.05,
+    backbone_kwargs={"depth": 2, "embed_dim": 384, "num_heads": 6, "mlp_ratio": 1.0},
+    student_width=32, epochs=1, progress=False, device="cpu", max_token_gb=0.05,
 )
 images = [np.full((28, 28, 3), i, np.uint8) for i in range(n)]
 model = FBFT(cfg).fit(images)
