@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.benchmark as benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,17 +54,15 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeat: int) -> float:
-    """Median seconds of ``fn`` after ``warmup`` calls, CUDA-synchronised."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    """Median seconds of ``fn`` over ``repeat`` runs after ``warmup`` runs.
+
+    ``torch.utils.benchmark.Timer`` does the timing: it synchronises CUDA around each run
+    (whatever ``device`` is; the argument stays for the callers) and fixes the thread count.
+    """
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    if warmup:
+        timer.timeit(warmup)
+    return float(np.median([timer.timeit(1).median for _ in range(repeat)]))
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

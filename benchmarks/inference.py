@@ -1,11 +1,11 @@
 """Per-image inference time of FBFT by stage: teacher, students, maps, and end to end.
 
-Timed after warm-up, CUDA-synchronised, from a pre-processed batch already on the device to the
-full-resolution maps and image scores (the paper's protocol); the CPU pre-processing (pad +
-bicubic resize of a 1500×1500 image) is reported apart. Maps are made at 1500×1500, a VisA
-image. Teachers are random-init (same FLOPs as pretrained; denormals flushed on the CPU, as
-pretrained weights do not produce them). FLOPs are counted with torch.utils.flop_counter;
-MFU = (teacher + students FLOPs) / their time / the device's peak.
+Stage times come from the model's own ``FBFT.predict_detailed`` (``Prediction.seconds``: teacher,
+students, maps; CUDA-synchronised), medians after warm-up; the CPU pre-processing (pad + bicubic
+resize of a 1500×1500 image) is reported apart, and end to end (``FBFT.predict``) includes it.
+Maps are made at 1500×1500, a VisA image. Teachers are random-init (same FLOPs as pretrained;
+denormals flushed on the CPU, as pretrained weights do not produce them). FLOPs are counted
+with torch.utils.flop_counter; MFU = (teacher + students FLOPs) / their time / the device's peak.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from fbft import FBFT, FBFTConfig
-from fbft import maps as fmaps
 
 ORIGINAL = 1500
 BACKBONES = {
@@ -47,10 +46,10 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
     return 2 * 2048**3 / seconds, "measured fp32 GEMM (2048³) on this CPU"
 
 
-def model_for(backbone: str, size: int, precision: str, device: torch.device) -> FBFT:
+def model_for(backbone: str, size: int, precision: str, batch: int, device: torch.device) -> FBFT:
     cfg = FBFTConfig(
         backbone=backbone, weights="random", image_size=size, device=str(device),
-        precision=precision, epochs=1, progress=False,
+        precision=precision, epochs=1, batch_size=batch, progress=False,
     )  # fmt: skip
     model = FBFT(cfg)
     grid = (size // 14) ** 2
@@ -58,63 +57,37 @@ def model_for(backbone: str, size: int, precision: str, device: torch.device) ->
     return model.fit_tokens([(zeros, zeros)])  # students' cost does not depend on training
 
 
-def stages(model: FBFT, batch: int, device: torch.device, quick: bool) -> dict[str, float]:
-    cfg = model.config
-    x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device)
-    students = model.students
-
-    bf16 = cfg.precision == "bf16"
-
-    def teacher():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return model.teacher(x)
-
-    f_j, f_k = teacher()
-
-    def run_students():
-        with torch.no_grad():
-            return students(f_j, f_k)
-
-    pred_j, pred_k = run_students()
-    grid = model.teacher.grid
-
-    def run_maps():
-        with torch.no_grad():
-            delta = fmaps.fuse(
-                fmaps.discrepancy(pred_j, f_j, cfg.distance),
-                fmaps.discrepancy(pred_k, f_k, cfg.distance),
-                cfg.fusion,
-            ).reshape(-1, grid, grid)
-            return [fmaps.image_score(fmaps.anomaly_map(p, ORIGINAL, ORIGINAL)) for p in delta]
-
-    def end_to_end():
-        teacher()
-        run_students()
-        run_maps()
-
-    cpu = device.type == "cpu"
-    warmup, repeat = (1, 2 if quick else 3) if cpu else (5, 20)
-    # count attention too: the fused SDPA kernels are not all known to the FLOP counter
+def flops(model: FBFT, batch: int, device: torch.device) -> tuple[float, float]:
+    """(teacher, students) FLOPs per image, attention counted (math SDPA kernel)."""
+    size = model.config.image_size
+    x = torch.randn(batch, 3, size, size, device=device)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        teacher()
-    teacher_flops = counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter:
-        run_students()
-    student_flops = counter.get_total_flops()
-    image = np.random.default_rng(0).integers(0, 256, (ORIGINAL, ORIGINAL, 3), dtype=np.uint8)
+        f_j, f_k = model.teacher(x)
+    teacher = counter.get_total_flops()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.students(f_j, f_k)
+    return teacher / batch, counter.get_total_flops() / batch
 
-    def preprocess(img):
-        return fmaps.preprocess(img, cfg.image_size, model.teacher.mean, model.teacher.std)
 
+def stages(model: FBFT, batch: int, device: torch.device, quick: bool) -> dict[str, float]:
+    """Per-image ms by stage from the model's own :meth:`FBFT.predict_detailed` (one batch of
+    ``batch`` 1500×1500 images), medians over repeats after warm-up."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (ORIGINAL, ORIGINAL, 3), dtype=np.uint8) for _ in range(batch)]
+    warmup, repeat = (1, 2 if quick else 3) if device.type == "cpu" else (5, 20)
+    for _ in range(warmup):
+        model.predict_detailed(images)
+    runs = [model.predict_detailed(images).seconds for _ in range(repeat)]
     out = {
-        "preprocess_ms": 1000 * timed(lambda: preprocess(image), torch.device("cpu"), 1, repeat),
-        "teacher_ms": 1000 * timed(teacher, device, warmup, repeat) / batch,
-        "students_ms": 1000 * timed(run_students, device, warmup, repeat) / batch,
-        "maps_ms": 1000 * timed(run_maps, device, warmup, repeat) / batch,
-        "end_to_end_ms": 1000 * timed(end_to_end, device, warmup, repeat) / batch,
-        "teacher_GFLOP": teacher_flops / batch / 1e9,
-        "students_GFLOP": student_flops / batch / 1e9,
+        f"{stage}_ms": 1000 * float(np.median([r[stage] for r in runs])) / batch
+        for stage in ("teacher", "students", "maps")
     }
+    out["preprocess_ms"] = 1000 * timed(
+        lambda: model.teacher.preprocess(images[0]), device, 1, repeat
+    )
+    out["end_to_end_ms"] = 1000 * timed(lambda: model.predict(images), device, 1, repeat) / batch
+    teacher_flops, student_flops = flops(model, batch, device)
+    out["teacher_GFLOP"], out["students_GFLOP"] = teacher_flops / 1e9, student_flops / 1e9
     return out
 
 
@@ -140,7 +113,7 @@ def main() -> None:
     peaks = {pr: peak_flops(device, pr) for pr in {p[2] for p in plan}}
     rows = []
     for name, size, precision, batch in plan:
-        model = model_for(BACKBONES[name], size, precision, device)
+        model = model_for(BACKBONES[name], size, precision, batch, device)
         row = {"backbone": name, "size": size, "precision": precision, "batch": batch}
         row.update(stages(model, batch, device, args.quick))
         flops = (row["teacher_GFLOP"] + row["students_GFLOP"]) * 1e9

@@ -14,7 +14,6 @@ import torch
 from common import machine, parser, save, sync, table
 
 from fbft import FBFT, FBFTConfig
-from fbft import maps as fmaps
 from fbft.students import Students, transfer_loss
 
 
@@ -53,8 +52,9 @@ def cached_fit(model: FBFT, images: torch.Tensor) -> tuple[float, float, float]:
     sync(device)
     teacher_s = time.perf_counter() - start
     model.fit_tokens(tokens)
+    sync(device)
     total = time.perf_counter() - start
-    return teacher_s, model.timings["fit_seconds"], total
+    return teacher_s, total - teacher_s, total
 
 
 def main() -> None:
@@ -80,9 +80,7 @@ def main() -> None:
     model = FBFT(cfg)
     rng = np.random.default_rng(0)
     raw = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
-    images = torch.stack(
-        [fmaps.preprocess(r, size, model.teacher.mean, model.teacher.std) for r in raw]
-    )
+    images = torch.stack([model.teacher.preprocess(r) for r in raw])
     teacher_s, train_s, cached_s = cached_fit(model, images)
     official_s = per_epoch_teacher_fit(model, images)
     tokens = n * model.teacher.grid**2

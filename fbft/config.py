@@ -16,6 +16,7 @@ Distance = Literal["l2", "cosine"]
 Fusion = Literal["product", "sum", "j", "k"]
 Blur = Literal["official", "none"]
 Precision = Literal["fp32", "bf16", "fp16"]
+Normalize = Literal["imagenet", "backbone"]
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "loss": ("cosine", "l2"),
@@ -23,6 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fusion": ("product", "sum", "j", "k"),
     "blur": ("official", "none"),
     "precision": ("fp32", "bf16", "fp16"),
+    "normalize": ("imagenet", "backbone"),
 }
 
 
@@ -55,6 +57,8 @@ class FBFTConfig:
     seed: int = 0
     device: str = "auto"
     precision: Precision = "fp32"
+    normalize: Normalize = "imagenet"
+    max_token_gb: float | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -75,6 +79,11 @@ class FBFTConfig:
                 raise ValueError(
                     f"FBFTConfig.{name} must be a positive integer, got {getattr(self, name)!r}"
                 )
+        if self.max_token_gb is not None and not self.max_token_gb >= 0:
+            raise ValueError(
+                f"FBFTConfig.max_token_gb must be >= 0 (GB of tokens held in memory) or None "
+                f"(automatic), got {self.max_token_gb!r}"
+            )
         if not self.lr > 0:
             raise ValueError(f"FBFTConfig.lr must be > 0, got {self.lr!r}")
 

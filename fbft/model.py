@@ -1,19 +1,19 @@
 """FBFT: fit the two students on a frozen teacher's tokens, predict full-resolution anomaly maps.
 
-The teacher runs once per image: ``fit`` extracts every training image's tokens first, then
-trains both students jointly on those tokens for all epochs.
+The teacher runs once per image: ``fit`` streams every training image's tokens into a bounded
+:class:`~fbft.tokens.TokenStore`, then trains both students jointly on it for all epochs.
+Prediction streams in batches; the students run once per batch whatever the number of
+inference-side variants (fusion, distance, blur) asked for.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -21,29 +21,15 @@ from tqdm.auto import tqdm
 
 from fbft import maps
 from fbft.config import FBFTConfig
-from fbft.students import Students, transfer_loss
-from fbft.teacher import Teacher
+from fbft.detector import INFERENCE_FIELDS, Prediction, TokenPair, Variant
+from fbft.students import Students, load_official_students, transfer_loss
+from fbft.teacher import Teacher, TeacherBatch, _chunks, _sync, flushed_denormals
+from fbft.tokens import Tier, TokenStore
 
 FORMAT_VERSION = 1
 Tokens = tuple[torch.Tensor, torch.Tensor]
-
-
-def flush_denormals(method: Callable) -> Callable:
-    """Run ``method`` with denormal floats flushed to zero on the CPU.
-
-    Near-zero gradients and the tiny residuals of a random-init teacher (LayerScale 1e-5) produce
-    denormal numbers that make CPU arithmetic 10-30x slower; values below 1.2e-38 become 0.
-    """
-
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        torch.set_flush_denormal(True)
-        try:
-            return method(*args, **kwargs)
-        finally:
-            torch.set_flush_denormal(False)
-
-    return wrapper
+# Teacher settings a shared teacher must have to serve a config.
+TEACHER_FIELDS = ("backbone", "backbone_kwargs", "image_size", "layers", "precision", "normalize")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -56,14 +42,32 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def make_teacher(config: FBFTConfig) -> Teacher:
+    """The teacher a config describes (on the CPU)."""
+    return Teacher(
+        config.backbone,
+        config.layers,
+        config.image_size,
+        weights=config.weights,
+        backbone_kwargs=config.backbone_kwargs,
+        seed=config.teacher_seed,
+        precision=config.precision,
+        normalize=config.normalize,
+    )
+
+
 class FBFT:
     """Forward–Backward Feature Transfer anomaly detector.
 
     >>> model = FBFT(FBFTConfig(...)).fit(train_images)
     >>> maps, scores = model.predict(test_images)
+
+    A ``teacher`` built elsewhere may be shared (it must match the config's teacher settings).
     """
 
-    def __init__(self, config: FBFTConfig | None = None) -> None:
+    method: ClassVar[str] = "fbft"
+
+    def __init__(self, config: FBFTConfig | None = None, teacher: Teacher | None = None) -> None:
         self.config = config or FBFTConfig()
         self.device = resolve_device(self.config.device)
         if self.config.precision != "fp32" and self.device.type != "cuda":
@@ -71,190 +75,170 @@ class FBFT:
                 f"precision={self.config.precision!r} (autocast) needs a CUDA device; "
                 f"this detector runs on {self.device}. Use precision='fp32'."
             )
-        self.teacher = Teacher(
-            self.config.backbone,
-            self.config.layers,
-            self.config.image_size,
-            weights=self.config.weights,
-            backbone_kwargs=self.config.backbone_kwargs,
-            seed=self.config.teacher_seed,
-        ).to(self.device)
+        if teacher is not None:
+            _check_teacher(teacher, self.config)
+        self.teacher = (teacher or make_teacher(self.config)).to(self.device)
         self.students: Students | None = None
         self.history: list[float] = []
-        self.timings: dict[str, float] = {}
+        self.token_tier: Tier | None = None
 
     @property
     def teacher_weights(self) -> str:
         """Where the teacher weights came from: hub, hub-cache, file or random."""
         return self.teacher.weights_source
 
-    # ------------------------------------------------------------------ teacher
-    def _autocast(self) -> Any:
-        if self.config.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @flush_denormals
     def teacher_tokens(self, images: Iterable[np.ndarray]) -> list[Tokens]:
         """One teacher pass per image: (f_j, f_k) of shape (N, D) per image, on the CPU."""
-        tokens: list[Tokens] = []
-        for batch in _batches(images, self.config.batch_size):
-            x = torch.stack([self._preprocess(img, i) for i, img in batch]).to(self.device)
-            with self._autocast():
-                f_j, f_k = self.teacher(x)
-            tokens += zip(f_j.cpu(), f_k.cpu(), strict=True)
-        return tokens
+        return self.teacher.encode(images, self.config.batch_size)
 
-    def _preprocess(self, image: np.ndarray, index: int) -> torch.Tensor:
-        return maps.preprocess(
-            maps.as_rgb(image, f"image {index}"),
-            self.config.image_size,
-            self.teacher.mean,
-            self.teacher.std,
-        )
+    def describe(self) -> dict[str, Any]:
+        """JSON-able identity: method, settings, teacher identity, token tier of the last fit."""
+        return {
+            "method": self.method,
+            "config": self.config.to_dict(),
+            "teacher": self.teacher.describe(),
+            "token_tier": self.token_tier,
+        }
 
     # -------------------------------------------------------------------- train
     def fit(self, images: Iterable[np.ndarray]) -> FBFT:
-        """Train both students on nominal images (each image goes through the teacher once)."""
-        return self.fit_tokens(self.teacher_tokens(images))
+        """Train both students on nominal images (each goes through the teacher once, its
+        tokens streamed into a bounded store)."""
+        with TokenStore(self.device, self.config.max_token_gb) as store:
+            for _, f_j, f_k, _ in self.teacher.batches(images, self.config.batch_size):
+                for a, b in zip(f_j, f_k, strict=True):
+                    store.add(a, b)
+            return self._train(store)
 
-    @flush_denormals
-    def fit_tokens(self, tokens: Sequence[Tokens | tuple[np.ndarray, np.ndarray]]) -> FBFT:
-        """Train both students on precomputed teacher tokens, one (f_j, f_k) pair per image."""
+    def fit_tokens(self, tokens: Sequence[TokenPair]) -> FBFT:
+        """Train both students on precomputed teacher tokens, one (f_j, f_k) pair per image
+        (memory-mapped pairs are read from their files, not copied)."""
+        for f_j, f_k in tokens:
+            _check_pair(f_j, f_k, self.teacher.embed_dim)
+        with TokenStore.of(tokens, self.device, self.config.max_token_gb) as store:
+            return self._train(store)
+
+    def _train(self, store: TokenStore) -> FBFT:
         cfg = self.config
-        if len(tokens) == 0:
+        if len(store) == 0:
             raise ValueError("fit needs at least one nominal training image; got none")
-        start = time.perf_counter()
-        f_j = torch.stack([torch.as_tensor(a, dtype=torch.float32) for a, _ in tokens])
-        f_k = torch.stack([torch.as_tensor(b, dtype=torch.float32) for _, b in tokens])
-        _check_tokens(f_j, f_k, self.teacher.embed_dim)
-        f_j, f_k = f_j.to(self.device), f_k.to(self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             students = Students(self.teacher.embed_dim, cfg.student_width).to(self.device)
         optimizer = torch.optim.Adam(students.parameters(), lr=cfg.lr)
         order = torch.Generator().manual_seed(cfg.seed)
-        n, dim = f_j.shape[0], f_j.shape[-1]
+        dim = self.teacher.embed_dim
         self.history = []
         students.train()
         epochs = tqdm(range(cfg.epochs), desc="training students", disable=not cfg.progress)
-        for epoch in epochs:
-            losses = []
-            for idx in torch.randperm(n, generator=order).split(cfg.batch_size):
-                idx = idx.to(self.device)
-                bj, bk = f_j[idx].reshape(-1, dim), f_k[idx].reshape(-1, dim)
-                pred_j, pred_k = students(bj, bk)
-                loss = transfer_loss(pred_j, bj, pred_k, bk, cfg.loss)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"training loss became {loss.item()} at epoch {epoch + 1}, batch "
-                        f"{len(losses) + 1} (lr={cfg.lr}, loss={cfg.loss}); lower the learning "
-                        "rate or check the inputs for NaN/inf"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.detach())
-            self.history.append(float(torch.stack(losses).mean()))
-            epochs.set_postfix(loss=f"{self.history[-1]:.4f}")
+        with flushed_denormals():
+            for epoch in epochs:
+                losses = []
+                for idx in torch.randperm(len(store), generator=order).split(cfg.batch_size):
+                    bj, bk = (t.reshape(-1, dim) for t in store.batch(idx.tolist()))
+                    pred_j, pred_k = students(bj, bk)
+                    loss = transfer_loss(pred_j, bj, pred_k, bk, cfg.loss)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"training loss became {loss.item()} at epoch {epoch + 1}, batch "
+                            f"{len(losses) + 1} (lr={cfg.lr}, loss={cfg.loss}); lower the "
+                            "learning rate or check the inputs for NaN/inf"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(loss.detach())
+                self.history.append(float(torch.stack(losses).mean()))
+                epochs.set_postfix(loss=f"{self.history[-1]:.4f}")
         self.students = students.eval()
-        self._sync()
-        self.timings["fit_seconds"] = time.perf_counter() - start
+        self.token_tier = store.tier
+        _sync(self.device)
         return self
 
     # ------------------------------------------------------------------ predict
-    @flush_denormals
     def predict(self, images: Iterable[np.ndarray]) -> tuple[list[np.ndarray], list[float]]:
         """Anomaly maps at each image's original H×W (float32) and image scores."""
-        out_maps: list[np.ndarray] = []
-        out_scores: list[float] = []
-        totals = {"teacher": 0.0, "students": 0.0, "maps": 0.0}
-        for batch in _batches(images, self.config.batch_size):
-            arrays = [maps.as_rgb(img, f"image {i}") for i, img in batch]
-            x = torch.stack(
-                [self._preprocess(img, i) for (i, _), img in zip(batch, arrays, strict=True)]
-            )
-            self._sync()
-            t0 = time.perf_counter()
-            with self._autocast():
-                f_j, f_k = self.teacher(x.to(self.device))
-            self._sync()
-            totals["teacher"] += time.perf_counter() - t0
-            batch_maps, batch_scores = self._maps_from_tokens(
-                f_j, f_k, [a.shape[:2] for a in arrays], totals
-            )
-            out_maps += batch_maps
-            out_scores += batch_scores
-        self._record_timings(totals, len(out_maps))
-        return out_maps, out_scores
+        pred = self.predict_detailed(images)
+        return pred.maps, pred.scores
 
-    @flush_denormals
+    def predict_detailed(self, images: Iterable[np.ndarray]) -> Prediction:
+        """Like :meth:`predict`, with seconds per stage (teacher, students, maps)."""
+        return self._predict(self.teacher.batches(images, self.config.batch_size), ({},))[0]
+
     def predict_tokens(
+        self, tokens: Sequence[TokenPair], sizes: Sequence[tuple[int, int]]
+    ) -> Prediction:
+        """Like :meth:`predict_detailed` from precomputed tokens and the images' (H, W)."""
+        return self.predict_variants(tokens, sizes)[0]
+
+    def predict_variants(
         self,
-        tokens: Sequence[Tokens | tuple[np.ndarray, np.ndarray]],
+        tokens: Sequence[TokenPair],
         sizes: Sequence[tuple[int, int]],
-    ) -> tuple[list[np.ndarray], list[float]]:
-        """Like :meth:`predict` from precomputed tokens and the images' (H, W)."""
+        variants: Sequence[Variant] = ({},),
+    ) -> list[Prediction]:
+        """One :class:`Prediction` per variant (a dict over fusion, distance, blur overriding
+        the config), the students run once per batch."""
         if len(tokens) != len(sizes):
             raise ValueError(f"got {len(tokens)} token pairs but {len(sizes)} image sizes")
-        out_maps: list[np.ndarray] = []
-        out_scores: list[float] = []
-        totals = {"teacher": 0.0, "students": 0.0, "maps": 0.0}
-        step = self.config.batch_size
-        for s in range(0, len(tokens), step):
-            chunk = tokens[s : s + step]
-            f_j = torch.stack([torch.as_tensor(a, dtype=torch.float32) for a, _ in chunk])
-            f_k = torch.stack([torch.as_tensor(b, dtype=torch.float32) for _, b in chunk])
-            _check_tokens(f_j, f_k, self.teacher.embed_dim)
-            batch_maps, batch_scores = self._maps_from_tokens(
-                f_j.to(self.device), f_k.to(self.device), sizes[s : s + step], totals
+        return self._predict(self._token_batches(tokens, sizes), variants)
+
+    def _token_batches(
+        self, tokens: Sequence[TokenPair], sizes: Sequence[tuple[int, int]]
+    ) -> Iterator[TeacherBatch]:
+        for chunk in _chunks(range(len(tokens)), self.config.batch_size):
+            pairs = [tokens[i] for _, i in chunk]
+            for f_j, f_k in pairs:
+                _check_pair(f_j, f_k, self.teacher.embed_dim)
+            f_j, f_k = (
+                torch.stack([_tensor(p[side]) for p in pairs]).to(self.device, torch.float32)
+                for side in (0, 1)
             )
-            out_maps += batch_maps
-            out_scores += batch_scores
-        self._record_timings(totals, len(out_maps))
-        return out_maps, out_scores
+            yield [tuple(sizes[i]) for _, i in chunk], f_j, f_k, 0.0
 
     @torch.no_grad()
-    def _maps_from_tokens(
-        self,
-        f_j: torch.Tensor,
-        f_k: torch.Tensor,
-        sizes: Sequence[tuple[int, int]],
-        totals: dict[str, float],
-    ) -> tuple[list[np.ndarray], list[float]]:
+    def _predict(
+        self, batches: Iterator[TeacherBatch], variants: Sequence[Variant]
+    ) -> list[Prediction]:
+        """The one batching loop of prediction: students once per batch, each distance's
+        discrepancies once, then fusion + blur per variant."""
         if self.students is None:
             raise RuntimeError("the students are not trained: call fit() (or FBFT.load) first")
-        cfg = self.config
-        t0 = time.perf_counter()
-        pred_j, pred_k = self.students(f_j, f_k)
-        delta = maps.fuse(
-            maps.discrepancy(pred_j, f_j, cfg.distance),
-            maps.discrepancy(pred_k, f_k, cfg.distance),
-            cfg.fusion,
-        )
+        settings = [self._variant(v) for v in variants]
+        out = [Prediction(seconds={"teacher": 0.0, "students": 0.0, "maps": 0.0}) for _ in settings]
         grid = self.teacher.grid
-        patch_maps = delta.reshape(-1, grid, grid)
-        self._sync()
-        t1 = time.perf_counter()
-        out_maps, out_scores = [], []
-        for patch_map, (h, w) in zip(patch_maps, sizes, strict=True):
-            full = maps.anomaly_map(patch_map, int(h), int(w), cfg.blur)
-            out_scores.append(maps.image_score(full))
-            out_maps.append(full.cpu().numpy())
-        self._sync()
-        totals["students"] += t1 - t0
-        totals["maps"] += time.perf_counter() - t1
-        return out_maps, out_scores
+        with flushed_denormals():
+            for sizes, f_j, f_k, teacher_s in batches:
+                start = time.perf_counter()
+                pred_j, pred_k = self.students(f_j, f_k)
+                deltas = {
+                    d: (maps.discrepancy(pred_j, f_j, d), maps.discrepancy(pred_k, f_k, d))
+                    for d in dict.fromkeys(s["distance"] for s in settings)
+                }
+                _sync(self.device)
+                students_s = time.perf_counter() - start
+                for setting, pred in zip(settings, out, strict=True):
+                    start = time.perf_counter()
+                    fused = maps.fuse(*deltas[setting["distance"]], setting["fusion"])
+                    for patch_map, (h, w) in zip(fused.reshape(-1, grid, grid), sizes, strict=True):
+                        full = maps.anomaly_map(patch_map, int(h), int(w), setting["blur"])
+                        pred.scores.append(maps.image_score(full))
+                        pred.maps.append(full.cpu().numpy())
+                    _sync(self.device)
+                    pred.seconds["maps"] += time.perf_counter() - start
+                    pred.seconds["teacher"] += teacher_s
+                    pred.seconds["students"] += students_s
+        return out
 
-    def _record_timings(self, totals: dict[str, float], n: int) -> None:
-        if n:
-            for stage, seconds in totals.items():
-                self.timings[f"{stage}_ms"] = 1000 * seconds / n
+    def _variant(self, variant: Variant) -> dict[str, Any]:
+        unknown = set(variant) - set(INFERENCE_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"variant {dict(variant)} sets {', '.join(sorted(unknown))}: a variant may only "
+                f"set the inference-side fields {', '.join(INFERENCE_FIELDS)} (others: a new fit)"
+            )
+        checked = self.config.replace(**variant)  # validates the values
+        return {name: getattr(checked, name) for name in INFERENCE_FIELDS}
 
     # -------------------------------------------------------------- save / load
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -308,20 +292,50 @@ class FBFT:
         return model
 
 
-def _batches(images: Iterable[np.ndarray], size: int) -> Iterator[list[tuple[int, np.ndarray]]]:
-    batch: list[tuple[int, np.ndarray]] = []
-    for i, image in enumerate(images):
-        batch.append((i, image))
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def load_official(
+    forward_path: str | os.PathLike[str],
+    backward_path: str | os.PathLike[str],
+    config: FBFTConfig | None = None,
+) -> FBFT:
+    """A detector with the authors' released students (``forward_net_*.pth`` and
+    ``backward_net_*.pth`` of alex-costanzino/L2BT) on the teacher ``config`` describes (by
+    default the paper's: DINOv2 ViT-B/14 with registers, blocks 8 and 12, 1036²)."""
+    model = FBFT(config or FBFTConfig())
+    students = load_official_students(forward_path, backward_path, model.teacher.embed_dim)
+    model.students = students.to(model.device).eval()
+    return model
 
 
-def _check_tokens(f_j: torch.Tensor, f_k: torch.Tensor, dim: int) -> None:
-    if f_j.shape != f_k.shape or f_j.ndim != 3 or f_j.shape[-1] != dim:
+def _tensor(a: Any) -> torch.Tensor:
+    """A tensor as is; an array (memory-mapped ones too) read into memory."""
+    return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a))
+
+
+def _check_pair(f_j: Any, f_k: Any, dim: int) -> None:
+    if tuple(f_j.shape) != tuple(f_k.shape) or len(f_j.shape) != 2 or f_j.shape[-1] != dim:
         raise ValueError(
-            f"token pairs must be (N, {dim}) arrays of equal shape; got {tuple(f_j.shape[1:])} "
-            f"and {tuple(f_k.shape[1:])}"
+            f"token pairs must be (N, {dim}) arrays of equal shape; got {tuple(f_j.shape)} "
+            f"and {tuple(f_k.shape)}"
+        )
+
+
+def _check_teacher(teacher: Teacher, config: FBFTConfig) -> None:
+    """A shared teacher must be the one the config describes (weights are the caller's)."""
+    have = {
+        "backbone": teacher.backbone,
+        "backbone_kwargs": teacher.backbone_kwargs,
+        "image_size": teacher.image_size,
+        "layers": tuple(teacher.layers),
+        "precision": teacher.precision,
+        "normalize": teacher.normalize,
+    }
+    wrong = [
+        f"{k}: teacher {have[k]!r} vs config {getattr(config, k)!r}"
+        for k in TEACHER_FIELDS
+        if have[k] != getattr(config, k)
+    ]
+    if wrong:
+        raise ValueError(
+            "the shared teacher does not match the config (" + "; ".join(wrong) + "); build the "
+            "teacher from this config (fbft.model.make_teacher) or change the config"
         )

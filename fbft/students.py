@@ -5,6 +5,8 @@ Forward S_F: f_j -> f_k; backward S_B: f_k -> f_j.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -54,3 +56,44 @@ def transfer_loss(
     else:
         raise ValueError(f"loss must be 'cosine' or 'l2', got {loss!r}")
     return term(pred_j, f_j) + term(pred_k, f_k)
+
+
+# The official FeatureProjectionMLP's layer names -> positions in our Student (nn.Sequential).
+OFFICIAL_LAYERS = {"input": 0, "projection": 2, "output": 4}
+
+
+def from_official_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An official ``FeatureProjectionMLP`` state dict (``input``, ``projection``, ``output``
+    Linear layers) as the state dict of our :class:`Student`."""
+    out = {}
+    for key, value in state.items():
+        layer, _, param = key.partition(".")
+        if layer not in OFFICIAL_LAYERS or param not in ("weight", "bias"):
+            raise ValueError(
+                f"unexpected key {key!r} in an official student checkpoint: expected "
+                "input/projection/output .weight/.bias (FeatureProjectionMLP of L2BT)"
+            )
+        out[f"{OFFICIAL_LAYERS[layer]}.{param}"] = value
+    return out
+
+
+def load_official_students(
+    forward_path: str | os.PathLike[str], backward_path: str | os.PathLike[str], embed_dim: int
+) -> Students:
+    """Students from the authors' ``forward_net_*.pth`` and ``backward_net_*.pth`` files."""
+    states = {}
+    for name, path in (("forward", forward_path), ("backward", backward_path)):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "input.weight" not in state:
+            raise ValueError(f"{path}: not an official {name}_net checkpoint (no input.weight)")
+        states[name] = from_official_state(state)
+    width = int(states["forward"]["0.weight"].shape[0])
+    if states["forward"]["0.weight"].shape[1] != embed_dim:
+        raise ValueError(
+            f"{forward_path}: the students take {states['forward']['0.weight'].shape[1]}-wide "
+            f"tokens but the teacher gives {embed_dim}; use the backbone they were trained on"
+        )
+    students = Students(embed_dim, width)
+    students.forward_net.load_state_dict(states["forward"])
+    students.backward_net.load_state_dict(states["backward"])
+    return students

@@ -7,24 +7,30 @@ block k are ever run.
 
 from __future__ import annotations
 
-import hashlib
-import socket
-import warnings
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
+import numpy as np
 import timm
+import timm.data
 import torch
 from torch import nn
 
+from fbft import maps
+from fbft.weights import (  # noqa: F401 - re-exported for the study driver
+    TeacherWeightsError,
+    cached_hub_file,
+    file_sha256,
+    hub_reachable,
+    resolve_weights,
+)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
-
-
-class TeacherWeightsError(RuntimeError):
-    """The requested teacher weights could not be loaded."""
+AUTOCAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_layers(layers: tuple[int, int], depth: int, backbone: str) -> None:
@@ -50,53 +56,33 @@ def check_image_size(image_size: int, patch_size: int, backbone: str) -> None:
         )
 
 
-def file_sha256(path: Path) -> str:
-    """Content hash of a file (weights identity for the feature cache)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def check_backbone(backbone: str, backbone_kwargs: dict[str, Any] | None = None) -> tuple[int, int]:
+    """(patch size, depth) of a timm ViT, built on the meta device (no memory, no weights).
 
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face endpoint answers a TCP connection within ``timeout`` seconds."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def cached_hub_file(backbone: str) -> Path | None:
-    """The backbone's pretrained weights if they are already in the local Hugging Face cache."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    cfg = timm.models.get_pretrained_cfg(backbone)
-    if cfg is None or not cfg.hf_hub_id:
-        return None
-    repo = cfg.hf_hub_id if cfg.hf_hub_id != "timm/" else f"timm/{backbone}"
-    names = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_FILENAMES
-    for name in names:
-        try:
-            return Path(hf_hub_download(repo, name, local_files_only=True))
-        except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-            continue
-    return None
+    Raises a ValueError naming the backbone when it is unknown or not a ViT with ``blocks``,
+    ``patch_embed`` and ``forward_intermediates`` (e.g. a ResNet).
+    """
+    with torch.device("meta"):
+        model = _timm_model(backbone, pretrained=False, **dict(backbone_kwargs or {}))
+    missing = [
+        a for a in ("blocks", "patch_embed", "forward_intermediates") if not hasattr(model, a)
+    ]
+    if missing:
+        raise ValueError(
+            f"backbone {backbone!r} is not a ViT with blocks/forward_intermediates (it has no "
+            f"{', '.join(missing)}); FBFT needs a timm ViT, e.g. "
+            "vit_base_patch14_reg4_dinov2.lvd142m or vit_small_patch14_reg4_dinov2.lvd142m"
+        )
+    return int(model.patch_embed.patch_size[0]), len(model.blocks)
 
 
 class Teacher(nn.Module):
     """Frozen timm ViT returning the patch tokens of blocks j and k (1-indexed).
 
-    ``weights_source`` records where the weights came from: ``"hub"``, ``"hub-cache"``,
+    ``weights_source`` records where the weights came from: ``"hub-cache"``, ``"hub"``,
     ``"file"`` or ``"random"``; ``weights_id`` identifies them (for caching and records).
+    ``precision`` is the autocast of :meth:`encode`; ``normalize`` picks the pixel mean/std:
+    ``"imagenet"`` (the official code) or ``"backbone"`` (timm's data config of the backbone).
     """
 
     def __init__(
@@ -107,30 +93,41 @@ class Teacher(nn.Module):
         weights: str = "auto",
         backbone_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
+        precision: str = "fp32",
+        normalize: str = "imagenet",
     ) -> None:
         super().__init__()
+        if precision not in AUTOCAST or normalize not in ("imagenet", "backbone"):
+            raise ValueError(
+                f"precision={precision!r} must be one of {', '.join(AUTOCAST)} and "
+                f"normalize={normalize!r} one of imagenet, backbone"
+            )
         self.backbone = backbone
         self.layers = (int(layers[0]), int(layers[1]))
         self.image_size = int(image_size)
-        kwargs = dict(backbone_kwargs or {})
-        self.model, self.weights_source, self.weights_id = _create(
-            backbone, weights, self.image_size, kwargs, seed
-        )
-        if not hasattr(self.model, "forward_intermediates") or not hasattr(self.model, "blocks"):
-            raise ValueError(f"{backbone} is not a timm ViT with blocks and forward_intermediates")
-        depth = len(self.model.blocks)
+        self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.precision, self.normalize = precision, normalize
+        self.patch_size, depth = check_backbone(backbone, self.backbone_kwargs)
         check_layers(self.layers, depth, backbone)
-        self.patch_size = int(self.model.patch_embed.patch_size[0])
         check_image_size(self.image_size, self.patch_size, backbone)
+        self.model, self.weights_source, self.weights_id = _create(
+            backbone, weights, self.image_size, self.backbone_kwargs, seed
+        )
         self.embed_dim = int(self.model.embed_dim)
         self.grid = self.image_size // self.patch_size
         self.model.prune_intermediate_layers(
             [self.layers[0] - 1, self.layers[1] - 1], prune_norm=False, prune_head=True
         )
-        cfg = getattr(self.model, "pretrained_cfg", None) or {}
-        self.mean = tuple(cfg.get("mean", IMAGENET_MEAN))
-        self.std = tuple(cfg.get("std", IMAGENET_STD))
+        if normalize == "imagenet":
+            self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        else:
+            data = timm.data.resolve_model_data_config(self.model)
+            self.mean, self.std = tuple(data["mean"]), tuple(data["std"])
         self.model.eval().requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def train(self, mode: bool = True) -> Teacher:
         """The teacher stays in eval mode."""
@@ -153,14 +150,91 @@ class Teacher(nn.Module):
         )
         return f_j.float(), f_k.float()
 
+    def preprocess(self, image: np.ndarray, name: str = "image") -> torch.Tensor:
+        """HxWx3 uint8 image -> the normalised (3, S, S) input of this teacher."""
+        return maps.preprocess(maps.as_rgb(image, name), self.image_size, self.mean, self.std)
+
+    def batches(self, images: Iterable[np.ndarray], batch_size: int) -> Iterator[TeacherBatch]:
+        """Pre-process and run ``images`` in batches, autocast by ``precision``: per batch the
+        images' (H, W), f_j and f_k (float32, on the teacher's device) and the teacher's seconds
+        (CUDA-synchronised)."""
+        device = self.device
+        if self.precision != "fp32" and device.type != "cuda":
+            raise ValueError(
+                f"precision={self.precision!r} (autocast) needs a CUDA device; the teacher runs "
+                f"on {device}. Use precision='fp32'."
+            )
+        autocast = torch.autocast(device.type, AUTOCAST[self.precision], self.precision != "fp32")
+        for batch in _chunks(images, batch_size):
+            arrays = [maps.as_rgb(img, f"image {i}") for i, img in batch]
+            x = torch.stack([self.preprocess(a) for a in arrays]).to(device)
+            _sync(device)
+            start = time.perf_counter()
+            with flushed_denormals(), autocast:
+                f_j, f_k = self(x)
+            _sync(device)
+            yield [a.shape[:2] for a in arrays], f_j, f_k, time.perf_counter() - start
+
+    def encode(
+        self, images: Iterable[np.ndarray], batch_size: int = 4
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One teacher pass per image: (f_j, f_k) of shape (N, D) per image, CPU float32."""
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for _, f_j, f_k, _ in self.batches(images, batch_size):
+            out += zip(f_j.cpu(), f_k.cpu(), strict=True)
+        return out
+
     def describe(self) -> dict[str, Any]:
         """Identity of this teacher: everything that changes its tokens."""
         return {
             "backbone": self.backbone,
+            "backbone_kwargs": self.backbone_kwargs,
             "weights": self.weights_id,
             "image_size": self.image_size,
             "layers": list(self.layers),
+            "precision": self.precision,
+            "normalize": self.normalize,
         }
+
+
+TeacherBatch = tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor, float]
+
+
+@contextmanager
+def flushed_denormals() -> Iterator[None]:
+    """Denormal floats flushed to zero on the CPU within the block.
+
+    Near-zero gradients and the tiny residuals of a random-init teacher (LayerScale 1e-5) produce
+    denormal numbers that make CPU arithmetic 10-30x slower; values below 1.2e-38 become 0.
+    """
+    _FLUSH_DEPTH[0] += 1
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        _FLUSH_DEPTH[0] -= 1
+        if _FLUSH_DEPTH[0] == 0:
+            torch.set_flush_denormal(False)
+
+
+_FLUSH_DEPTH = [0]  # nesting depth of flushed_denormals blocks (the flag is process-wide)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[tuple[int, Any]]]:
+    """Consecutive lists of up to ``size`` (index, item) pairs."""
+    batch: list[tuple[int, Any]] = []
+    for i, item in enumerate(items):
+        batch.append((i, item))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _create(
@@ -168,57 +242,37 @@ def _create(
 ) -> tuple[nn.Module, str, str]:
     """Build the timm model and load its weights; returns (model, source, weights id)."""
     arch = {"img_size": image_size, **kwargs}
-    arch_id = ",".join(f"{k}={kwargs[k]}" for k in sorted(kwargs))
-
-    def random_init() -> tuple[nn.Module, str, str]:
+    resolved = resolve_weights(backbone, weights, seed)
+    if resolved == "random":
+        arch_id = ",".join(f"{k}={kwargs[k]}" for k in sorted(kwargs))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _timm_model(backbone, pretrained=False, **arch)
         return model, "random", f"random:{backbone}[{arch_id}]:seed={seed}"
-
-    def from_file(path: Path, source: str) -> tuple[nn.Module, str, str]:
+    path = Path(resolved)
+    try:
         model = _timm_model(
             backbone, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **arch
         )
-        return model, source, f"sha256:{file_sha256(path)}"
-
-    if weights == "random":
-        return random_init()
-    if weights not in ("auto", "hub"):
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"teacher weights file {str(path)!r} does not exist; pass an existing checkpoint "
-                "(Meta DINOv2 .pth, timm .pth/.bin or .safetensors), or weights='hub' | 'auto' | "
-                "'random'"
-            )
-        return from_file(path, "file")
-    cached = cached_hub_file(backbone)
-    if cached is not None:
-        return from_file(cached, "hub-cache")
-    reason = "the Hugging Face hub is not reachable and the weights are not in the local cache"
-    if hub_reachable():
-        try:
-            model = _timm_model(backbone, pretrained=True, **arch)
-            cached = cached_hub_file(backbone)
-            weights_id = f"sha256:{file_sha256(cached)}" if cached else f"hub:{backbone}"
-            return model, "hub", weights_id
-        except (OSError, RuntimeError) as err:
-            reason = f"downloading the weights failed: {err}"
-    if weights == "hub":
+    except Exception as err:
         raise TeacherWeightsError(
-            f"could not load pretrained weights for {backbone}: {reason}. Download them on a "
-            "connected machine (they land in the Hugging Face cache, HF_HOME) or pass "
-            "weights=<checkpoint file>; weights='random' runs with a random-init teacher."
-        )
-    warnings.warn(
-        f"\n{'!' * 78}\n!! TEACHER WEIGHTS: {reason}.\n!! Falling back to a RANDOM-INIT "
-        f"{backbone} (seed {seed}); results are NOT those of a pretrained teacher.\n!! Runs are "
-        f"tagged teacher_weights=random. Pass weights=<file> to use a local checkpoint.\n"
-        f"{'!' * 78}",
-        stacklevel=3,
-    )
-    return random_init()
+            f"teacher weights file {str(path)!r} could not be loaded into {backbone} "
+            f"({type(err).__name__}: {str(err)[:300]}); is it a checkpoint of this backbone "
+            "(Meta DINOv2 .pth, timm .pth/.bin or .safetensors)? Pass another file, "
+            "weights='auto' or weights='random'."
+        ) from err
+    in_cache = weights in ("auto", "hub") or _under(path, _hub_cache())
+    return model, "hub-cache" if in_cache else "file", f"sha256:{file_sha256(path)}"
+
+
+def _hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _under(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 def _timm_model(backbone: str, **kwargs: Any) -> nn.Module:

@@ -8,6 +8,7 @@ import torch
 from tiny import textures, tiny_config, with_defect
 
 from fbft import FBFT, FBFTConfig, preset
+from fbft.model import load_official
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +76,9 @@ def test_tokens_api_equals_images_api(trained):
     train, test = textures(3, seed=7), textures(2, seed=8, shape=(40, 70))
     by_images = FBFT(tiny_config(epochs=2)).fit(train)
     model = FBFT(tiny_config(epochs=2))
-    model.fit_tokens(model.teacher_tokens(train))
+    model.fit_tokens(model.teacher.encode(train))
     expected = by_images.predict(test)[0]
-    got = model.predict_tokens(model.teacher_tokens(test), [t.shape[:2] for t in test])[0]
+    got = model.predict_tokens(model.teacher.encode(test), [t.shape[:2] for t in test]).maps
     assert all(np.array_equal(x, y) for x, y in zip(expected, got, strict=True))
 
 
@@ -91,11 +92,82 @@ def test_options_change_the_maps(trained, changes):
     assert not np.allclose(model.predict(test)[0][0], trained.predict(test)[0][0])
 
 
-def test_timings_and_history_are_recorded(trained):
-    trained.predict(textures(2, seed=10))
-    assert {"fit_seconds", "teacher_ms", "students_ms", "maps_ms"} <= set(trained.timings)
+def test_stage_seconds_and_history_are_recorded(trained):
+    pred = trained.predict_detailed(textures(2, seed=10))
+    assert set(pred.seconds) == {"teacher", "students", "maps"}
+    assert all(v > 0 for v in pred.seconds.values()) and len(pred.maps) == 2
+    assert not hasattr(trained, "timings")
     assert len(trained.history) == trained.config.epochs
     assert trained.history[-1] < trained.history[0]
+
+
+VARIANTS = [
+    {},
+    {"fusion": "sum"},
+    {"distance": "cosine", "fusion": "j"},
+    {"blur": "none"},
+    {"distance": "cosine", "fusion": "product", "blur": "none"},
+]
+
+
+def test_each_variant_equals_a_model_configured_with_it(trained):
+    """One fit, many maps: the students run once, yet every variant gives exactly the maps of a
+    model trained with that variant in its config (training does not depend on these fields)."""
+    test = textures(5, seed=11, shape=(40, 70))
+    tokens, sizes = trained.teacher.encode(test), [t.shape[:2] for t in test]
+    preds = trained.predict_variants(tokens, sizes, VARIANTS)
+    for variant, pred in zip(VARIANTS, preds, strict=True):
+        oracle = FBFT(trained.config.replace(**variant)).fit(textures(8, seed=0))
+        expected_maps, expected_scores = oracle.predict(test)
+        assert all(np.array_equal(x, y) for x, y in zip(expected_maps, pred.maps, strict=True))
+        assert expected_scores == pred.scores
+    assert preds[0].maps[0].shape == (40, 70)
+    with pytest.raises(ValueError, match="inference-side fields"):
+        trained.predict_variants(tokens, sizes, [{"lr": 1.0}])
+    with pytest.raises(ValueError, match="fusion"):
+        trained.predict_variants(tokens, sizes, [{"fusion": "max"}])
+
+
+def test_describe_and_a_shared_teacher(trained):
+    info = trained.describe()
+    assert info["method"] == FBFT.method == "fbft" and info["token_tier"] == "host"
+    assert info["teacher"] == trained.teacher.describe() and info["config"]["epochs"] == 15
+    shared = FBFT(tiny_config(epochs=2, seed=3), teacher=trained.teacher)
+    assert shared.teacher is trained.teacher
+    with pytest.raises(ValueError, match="image_size"):
+        FBFT(tiny_config(image_size=84), teacher=trained.teacher)
+
+
+class OfficialMLP(torch.nn.Module):
+    """The authors' FeatureProjectionMLP (models/students.py of alex-costanzino/L2BT)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.input = torch.nn.Linear(dim, dim)
+        self.projection = torch.nn.Linear(dim, dim)
+        self.output = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        act = torch.nn.GELU()
+        return self.output(act(self.projection(act(self.input(x)))))
+
+
+def test_official_student_checkpoints_load(tmp_path):
+    torch.manual_seed(0)
+    forward, backward = OfficialMLP(48), OfficialMLP(48)
+    torch.save(forward.state_dict(), tmp_path / "forward_net_x.pth")
+    torch.save(backward.state_dict(), tmp_path / "backward_net_x.pth")
+    model = load_official(
+        tmp_path / "forward_net_x.pth", tmp_path / "backward_net_x.pth", tiny_config()
+    )
+    f_j, f_k = torch.randn(10, 48), torch.randn(10, 48)
+    pred_j, pred_k = model.students(f_j, f_k)
+    assert torch.equal(pred_j, backward(f_k)) and torch.equal(pred_k, forward(f_j))
+    assert len(model.predict(textures(1, seed=0))[0]) == 1
+    with pytest.raises(ValueError, match="not an official"):
+        load_official(
+            model.save(tmp_path / "ours.pt"), tmp_path / "backward_net_x.pth", tiny_config()
+        )
 
 
 def test_errors_are_clear():

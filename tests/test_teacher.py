@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import huggingface_hub
+import numpy as np
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 from tiny import TINY
 
-from fbft.teacher import Teacher, TeacherWeightsError
+from fbft import maps
+from fbft.teacher import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Teacher,
+    TeacherWeightsError,
+    check_backbone,
+    file_sha256,
+    resolve_weights,
+)
 
 ARCH = "vit_small_patch14_reg4_dinov2"
 
@@ -105,3 +117,54 @@ def test_auto_without_hub_falls_back_loudly_to_random(monkeypatch):
     assert teacher.weights_source == "random"
     with pytest.raises(TeacherWeightsError, match="weights=<checkpoint file>"):
         Teacher(ARCH + ".lvd142m", (2, 4), 56, "hub", TINY)
+
+
+def test_a_non_vit_backbone_is_named_as_such():
+    with pytest.raises(
+        ValueError, match="'resnet18' is not a ViT with blocks/forward_intermediates"
+    ):
+        check_backbone("resnet18")
+    with pytest.raises(ValueError, match="not a ViT"):
+        Teacher("resnet18", (2, 4), 56, "random")
+    assert check_backbone(ARCH, TINY) == (14, 4)
+
+
+def test_garbage_weights_file_is_named(tmp_path):
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(TeacherWeightsError, match=r"garbage\.pth"):
+        Teacher(ARCH, (2, 4), 56, str(path), TINY)
+
+
+def test_resolve_weights_gives_a_file_or_random(tmp_path, monkeypatch):
+    path = tmp_path / "w.pth"
+    torch.save(source_model().state_dict(), path)
+    assert resolve_weights(ARCH, str(path)) == str(path)
+    assert resolve_weights(ARCH, "random") == "random"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.warns(UserWarning, match="RANDOM-INIT"):
+        assert resolve_weights(ARCH + ".lvd142m", "auto") == "random"
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_encode_is_preprocess_then_forward_and_describe_covers_token_settings():
+    teacher = Teacher(ARCH, (2, 4), 56, "random", TINY, seed=3)
+    images = [np.random.default_rng(i).integers(0, 256, (40, 70, 3), np.uint8) for i in range(5)]
+    tokens = teacher.encode(images, batch_size=2)
+    x = torch.stack([maps.preprocess(img, 56, IMAGENET_MEAN, IMAGENET_STD) for img in images])
+    ref_j, ref_k = teacher(x)
+    assert len(tokens) == 5 and all(t[0].dtype == torch.float32 for t in tokens)
+    assert torch.allclose(torch.stack([t[0] for t in tokens]), ref_j, atol=1e-6)
+    assert torch.allclose(torch.stack([t[1] for t in tokens]), ref_k, atol=1e-6)
+    info = teacher.describe()
+    assert {"backbone", "weights", "image_size", "layers", "precision", "normalize"} <= set(info)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Teacher(ARCH, (2, 4), 56, "random", TINY, precision="bf16").encode(images)
+
+
+def test_normalize_imagenet_or_the_backbones_own():
+    vit16 = "vit_small_patch16_224.augreg_in21k"
+    kwargs = {"depth": 2, "embed_dim": 48, "num_heads": 2}
+    assert Teacher(vit16, (1, 2), 64, "random", kwargs).mean == IMAGENET_MEAN
+    own = Teacher(vit16, (1, 2), 64, "random", kwargs, normalize="backbone")
+    assert own.mean == own.std == (0.5, 0.5, 0.5) and own.describe()["normalize"] == "backbone"
