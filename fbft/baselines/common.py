@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from fbft import maps
 from fbft.baselines.neighbours import DEFAULT_CHUNK
 from fbft.detector import Prediction, TokenPair, Variant
+from fbft.model import resolve_device
 
 FORMAT_VERSION = 1
 Blocks = Literal["both", "j", "k"]
@@ -62,15 +63,6 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when present, else CPU; anything else as given (checked)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but no CUDA device is available; use 'auto' or 'cpu'")
-    return dev
 
 
 def _as_float32(array: Any) -> torch.Tensor:

@@ -6,6 +6,7 @@ cumulative-quartile AUPRO and the robustness ρ.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from fbft.metrics.keys import metric_keys, official_keys, score_keys
@@ -13,12 +14,10 @@ from fbft.metrics.keys import metric_keys, official_keys, score_keys
 __all__ = ["Curves", "MetricAccumulator", "evaluate", "metric_keys", "official_keys", "score_keys"]
 
 if TYPE_CHECKING:
-    from fbft.metrics.evaluate import Curves, MetricAccumulator, evaluate
+    from fbft.metrics.accumulate import Curves, MetricAccumulator, evaluate
 
 
 def __getattr__(name: str) -> Any:
     if name in ("Curves", "MetricAccumulator", "evaluate"):
-        from fbft.metrics import evaluate as module
-
-        return getattr(module, name)
+        return getattr(importlib.import_module("fbft.metrics.accumulate"), name)
     raise AttributeError(f"module 'fbft.metrics' has no attribute {name!r}")

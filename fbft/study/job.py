@@ -78,26 +78,26 @@ def run_job(job: Job, out: Path) -> Outcome:
     """Fit once, evaluate every variant; figures go to ``out/<variant index>/``."""
     from fbft.data import open_dataset
     from fbft.detector import build
-    from fbft.features import FeatureCache, teacher_tokens
+    from fbft.features import FeatureCache
 
     train_all = open_dataset(job.data, job.category, "train", job.format)
     test = open_dataset(job.data, job.category, "test", job.format)
     train, calibration = training_subset(job, train_all)
-    detector = build(job.method, job.config)
-    teacher = detector.teacher
+    detector, teacher = build(job.method, job.config)
     cache = None
     if job.cache_dir:
         cache = FeatureCache(
             job.cache_dir, teacher.describe(), dtype=job.cache_dtype, max_gb=job.cache_max_gb
         )
-    batch = int(job.config.get("batch_size", 4))
-    tokens, report = teacher_tokens(list(train), teacher.encode, cache, batch)
+    source = _TokenSource(teacher, cache, int(job.config.get("batch_size", 4)))
+    tokens = source.of(train)
     start = time.perf_counter()
     detector.fit_tokens(tokens)
     fit_seconds = time.perf_counter() - start
-    del tokens
-    thresholds = _calibrate(detector, calibration, teacher, cache, batch, job, report)
-    evaluation = _evaluate(detector, test, teacher, cache, batch, job, report)
+    del tokens  # releases the cache entries' read locks
+    thresholds = _calibrate(detector, calibration, source, job)
+    evaluation = _evaluate(detector, test, source, job)
+    report = source.report
     counters = {
         "time/fit_seconds": fit_seconds,
         "time/teacher_ms": float(np.mean(report.teacher_ms)) if report.teacher_ms else float("nan"),
@@ -142,7 +142,24 @@ def _batches(dataset: Any, size: int) -> Any:
         yield start, [dataset[i] for i in range(start, min(start + size, len(dataset)))]
 
 
-def _calibrate(detector, calibration, teacher, cache, batch, job, report) -> Any:
+class _TokenSource:
+    """Teacher tokens of samples (cache or teacher), with the running cache report."""
+
+    def __init__(self, teacher: Any, cache: Any, batch: int) -> None:
+        from fbft.features import CacheReport
+
+        self.teacher, self.cache, self.batch = teacher, cache, batch
+        self.report = CacheReport()
+
+    def of(self, samples: Sequence[Any]) -> list[tuple[Any, Any]]:
+        from fbft.features import teacher_tokens
+
+        tokens, report = teacher_tokens(list(samples), self.teacher.encode, self.cache, self.batch)
+        self.report = self.report + report
+        return tokens
+
+
+def _calibrate(detector: Any, calibration: Any, source: _TokenSource, job: Job) -> Any:
     """Image and pixel thresholds at the target FPR from nominal images not trained on."""
     if len(calibration) == 0:
         return None
@@ -150,22 +167,15 @@ def _calibrate(detector, calibration, teacher, cache, batch, job, report) -> Any
 
     scores, values = [], []
     sizes = calibration.sizes()
-    for start, chunk in _batches(calibration, batch):
-        tokens, r = teacher_tokens_of(chunk, teacher, cache, batch)
-        report.add(r)
+    for start, chunk in _batches(calibration, source.batch):
+        tokens = source.of(chunk)
         (pred,) = detector.predict_variants(tokens, sizes[start : start + len(chunk)], ({},))
         scores += pred.scores
         values += pred.maps
     return calibrate(scores, values, job.target_fpr)
 
 
-def teacher_tokens_of(samples: Sequence[Any], teacher: Any, cache: Any, batch: int) -> Any:
-    from fbft.features import teacher_tokens
-
-    return teacher_tokens(list(samples), teacher.encode, cache, batch)
-
-
-def _evaluate(detector, test, teacher, cache, batch, job: Job, report) -> _Evaluation:
+def _evaluate(detector: Any, test: Any, source: _TokenSource, job: Job) -> _Evaluation:
     """Every variant's maps of the whole test set, streamed into one accumulator per variant."""
     from fbft.metrics import MetricAccumulator
 
@@ -184,9 +194,8 @@ def _evaluate(detector, test, teacher, cache, batch, job: Job, report) -> _Evalu
         [[] for _ in job.variants],
         [[] for _ in job.variants],
     )
-    for start, chunk in _batches(test, batch):
-        tokens, r = teacher_tokens_of(chunk, teacher, cache, batch)
-        report.add(r)
+    for start, chunk in _batches(test, source.batch):
+        tokens = source.of(chunk)
         preds = detector.predict_variants(tokens, sizes[start : start + len(chunk)], job.variants)
         masks = [s.mask for s in chunk]
         ev.labels += [int(s.label) for s in chunk]

@@ -203,7 +203,8 @@ def summarise(
     }
     if means is not None and study.search is None:
         for r in means.to_dict("records"):
-            label = "_".join(f"{k}={r[k]}" for k in [a.name for a in study.axes] if k in r) or "all"
+            label = "_".join(f"{k}_{r[k]}" for k in [a.name for a in study.axes] if k in r)
+            label = re.sub(r"[^\w\-. ]", "-", label) or "all"
             counts.update({f"{label}/{c}": r[c] for c in r if isinstance(r[c], float)})
     tracking.log_metrics(client, parent, counts)
     tracking.set_tags(client, parent, {tracking.NOTE_TAG: f"# {study.title}\n\n{text}\n"})
