@@ -118,7 +118,13 @@ class FBFT:
         with TokenStore.of(tokens, self.device, self.config.max_token_gb) as store:
             return self._train(store)
 
-    def _train(self, store: TokenStore) -> FBFT:
+    def fit_per_epoch(self, images: Sequence[np.ndarray]) -> FBFT:
+        """The official training loop, kept to measure its cost (the paper's Table 10): the
+        teacher runs again on every batch of every epoch instead of once per image. Batches,
+        their order and the students' arithmetic are those of :meth:`fit`."""
+        return self._train(_TeacherEveryBatch(self.teacher, images))
+
+    def _train(self, store: TokenStore | _TeacherEveryBatch) -> FBFT:
         cfg = self.config
         if len(store) == 0:
             raise ValueError("fit needs at least one nominal training image; got none")
@@ -304,6 +310,23 @@ def load_official(
     students = load_official_students(forward_path, backward_path, model.teacher.embed_dim)
     model.students = students.to(model.device).eval()
     return model
+
+
+class _TeacherEveryBatch:
+    """A token source for :meth:`FBFT.fit_per_epoch`: each batch is a fresh teacher pass."""
+
+    tier = "teacher-per-epoch"
+
+    def __init__(self, teacher: Teacher, images: Sequence[np.ndarray]) -> None:
+        self.teacher, self.images = teacher, list(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = [self.images[i] for i in indices]
+        ((_, f_j, f_k, _),) = self.teacher.batches(chosen, len(chosen))
+        return f_j, f_k
 
 
 def _tensor(a: Any) -> torch.Tensor:

@@ -7,6 +7,7 @@ import shutil
 import socket
 from pathlib import Path
 
+import mlflow
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
@@ -59,6 +60,7 @@ def runs_of(workdir: Path, experiment: str):
 
 
 def test_few_shot_study_logs_one_parent_and_a_child_per_trial(workdir, capsys):
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     assert run(workdir, "few_shot", "--shots", "2", "3", experiment="few") == 0
     out = capsys.readouterr().out
     assert "| shots | I-AUROC | AUPRO@30% | AUPRO@5% | Q1 AUPRO@5% | ρ@5% | trials |" in out
@@ -93,7 +95,11 @@ def test_few_shot_study_logs_one_parent_and_a_child_per_trial(workdir, capsys):
         assert tags["category"] in child.info.run_name and "shots=" in child.info.run_name
         assert params["shots"] in ("2", "3") and params["config.layers"] == "2,4"
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"pro_curve.png", "quartiles.png", "model", "maps"} <= names
+        assert {"pro_curve.png", "quartiles.png", "maps"} <= names
+        assert any(a.path.startswith("maps/gravel_") or a.path.startswith("maps/parts_")
+                   for a in client.list_artifacts(child.info.run_id, "maps"))  # fmt: skip
+        info = mlflow.models.get_model_info(f"runs:/{child.info.run_id}/model")
+        assert info.flavors["python_function"]
         history = client.get_metric_history(child.info.run_id, "train_loss")
         assert [m.step for m in history] == [1, 2]
     summaries = list((workdir / "ray_results").glob("few-shot-*/summary/summary.md"))
@@ -132,7 +138,10 @@ def test_a_failing_trial_is_reported_once_not_fatal(workdir, capsys):
 
 def test_fusion_variants_come_from_one_fit_and_equal_a_single_fusion_study(workdir, capsys):
     flags = ["--categories", "gravel"]
-    assert run(workdir, "fusion", *flags, "--fusions", "product", "sum", "j", "k", experiment="f4") == 0
+    assert (
+        run(workdir, "fusion", *flags, "--fusions", "product", "sum", "j", "k", experiment="f4")
+        == 0
+    )
     out = capsys.readouterr().out
     _, parents, children = runs_of(workdir, "f4")
     assert parents[0].data.metrics["student_fits"] == 1 and len(children) == 4
@@ -151,7 +160,20 @@ def test_fusion_variants_come_from_one_fit_and_equal_a_single_fusion_study(workd
         ("layers", ["--pairs", "1,4", "2,4", "--maps", "product", "k"], 4),
         ("resolution", ["--sizes", "28", "56"], 2),
         ("losses", ["--losses", "l2", "--distances", "l2", "cosine"], 2),
-        ("benchmark", ["--methods", "fbft", "patchcore", "spade", "--sizes", "56"], 3),
+        (
+            "benchmark",
+            [
+                "--methods",
+                "fbft",
+                "patchcore",
+                "spade",
+                "--sizes",
+                "56",
+                "--cache-dir",
+                "cache-benchmark",
+            ],
+            3,
+        ),
         ("search", ["--num-samples", "2", "--asha"], 2),
     ],
 )
@@ -231,6 +253,11 @@ def test_unreachable_tracking_server_and_unreadable_data_are_clear_errors(workdi
     assert main(study, ["--data", str(workdir / "empty")]) == 2
     assert "cannot recognise the dataset layout" in capsys.readouterr().err
     (workdir / "not-a-store.db").write_text("hello")
-    argv = ["--data", str(workdir / "data"), "--tracking-uri", f"sqlite:///{workdir}/not-a-store.db"]
+    argv = [
+        "--data",
+        str(workdir / "data"),
+        "--tracking-uri",
+        f"sqlite:///{workdir}/not-a-store.db",
+    ]
     assert main(study, argv) == 2
     assert "not a usable MLflow store" in capsys.readouterr().err

@@ -67,8 +67,9 @@ def test_two_studies_started_together_on_a_fresh_store_both_finish(tmp_path):
     generate(tmp_path / "data", categories=["gravel"], image_size=80, n_train=3, n_test=4)
     argv = _argv("--shots", "2", *tiny_flags(), "--experiment", "twins")
     procs = [
-        subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)  # fmt: skip
+        subprocess.Popen(
+            argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=400)[0] for p in procs]

@@ -51,6 +51,7 @@ class Options:
     batch_size: int | None = None
     seeds: tuple[int, ...] = (0,)
     nested: bool = False
+    teacher_per_epoch: bool = False
     protocol: str = "official"
     num_thresholds: int = 99
     tracking_uri: str | None = None
@@ -154,6 +155,9 @@ def build_parser(study: Study) -> argparse.ArgumentParser:
         help="few-shot draws nested across shot counts (5 ⊂ 10 ⊂ 50) instead of "
         "independent draws per (shots, seed)",
     )
+    g.add_argument("--teacher-per-epoch", action="store_true",
+                   help="train FBFT with the official loop (teacher re-run on every batch of "
+                   "every epoch, no cache) to measure its training time (Table 10)")  # fmt: skip
     g = p.add_argument_group("metrics")
     g.add_argument(
         "--protocol",

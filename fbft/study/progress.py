@@ -56,6 +56,7 @@ class Progress(tune.Callback):
         self.start = time.time()
         self.done_work = 0.0
         self.ended: set[str] = set()
+        self.started: set[str] = set()
 
     def _weight(self, trial) -> float:
         cell = trial.config.get("trial", {})
@@ -65,7 +66,9 @@ class Progress(tune.Callback):
         return 1.0
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        print(f"[fbft] start: {describe(trial.config)}", flush=True)
+        if trial.trial_id not in self.started:  # a retry is not a new start
+            self.started.add(trial.trial_id)
+            print(f"[fbft] start: {describe(trial.config)}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._line(trials, trial, "done")
@@ -103,4 +106,5 @@ def _error_line(path: str) -> str:
     except OSError:
         return ""
     found = [ln for ln in lines if "TrialError:" in ln or "Error:" in ln]
-    return (found[-1] if found else lines[-1] if lines else "")[:300]
+    line = found[-1] if found else lines[-1] if lines else ""
+    return line.replace("fbft.study.trial.TrialError: ", "")[:300]

@@ -56,10 +56,9 @@ def collect(grid: Any, variants: tuple[dict, ...], variant_axes: tuple[dict, ...
             prefix = f"v{i}/" if i else ""
             row = {**setting, **shown, "method": cell.get("method", "fbft")}
             row["categories"] = ",".join(cell.get("categories", []))
-            if i:
-                row.update(
-                    {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
-                )
+            if i:  # the fit's counters count once, on variant 0's row
+                found = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+                row.update({k: v for k, v in found.items() if k not in TOTALS})
             else:
                 row.update({k: v for k, v in metrics.items() if not _VARIANT.match(k)})
             row.update({k: metrics[k] for k in TOTALS if k in metrics and i == 0})
@@ -161,7 +160,14 @@ def _fmt(value: Any) -> str:
 
 
 def summarise(
-    study: Study, options: Options, found: Collected, state: Any, path: str, started: float
+    study: Study,
+    options: Options,
+    found: Collected,
+    *,
+    state: Any,
+    path: str,
+    started: float,
+    uri: str,
 ) -> int:
     """Print the table; write summary.md, trials.csv and summary.png; finish the parent run."""
     import pandas as pd
@@ -171,7 +177,7 @@ def summarise(
 
     text, means = table(study, options, found.rows)
     wall = time.time() - started
-    client = MlflowClient(state.tracking_uri)
+    client = MlflowClient(uri)
     parent = state.parent_run_id
     with contextlib.ExitStack() as stack:
         if "://" in path:  # remote storage: the summary goes to MLflow only
@@ -221,10 +227,10 @@ def summarise(
         f"student fits {int(totals['student_fits'])} · results in {where}"
     )
     experiment = options.experiment or f"fbft-{study.name}"
-    print(f"MLflow: {tracking.ui_command(state.tracking_uri)}")
+    print(f"MLflow: {tracking.ui_command(uri)}")
     print(f"        experiment '{experiment}', parent run '{state.name}'")
     if options.register and found.rows:
-        _register(client, options, study, found, state)
+        _register(client, options, study, state=state, uri=uri)
     return 1 if found.failures else 0
 
 
@@ -234,7 +240,7 @@ def _duration(seconds: float) -> str:
     return duration(seconds)
 
 
-def _register(client: Any, options: Options, study: Study, found: Collected, state: Any) -> None:
+def _register(client: Any, options: Options, study: Study, *, state: Any, uri: str) -> None:
     """Register the model of the best child run (by the table's AUPRO@5% or the search metric)."""
     import mlflow
 
@@ -254,6 +260,6 @@ def _register(client: Any, options: Options, study: Study, found: Collected, sta
         print("--register: no FBFT child run with a model to register")
         return
     best = runs[0].data.tags.get("fit_run", runs[0].info.run_id)
-    mlflow.set_tracking_uri(state.tracking_uri)
+    mlflow.set_tracking_uri(uri)
     version = mlflow.register_model(f"runs:/{best}/model", options.register)
     print(f"registered models:/{options.register}/{version.version} (run {best}, best {metric})")

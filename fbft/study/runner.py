@@ -94,7 +94,8 @@ def run(study: Study, options: Options) -> int:
     experiment = options.experiment or f"fbft-{study.name}"
     if state is None:
         name = f"{study.name}-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-        resume_cmd = shlex.join(["python", study.script, *options.argv, "--resume", name])
+        argv = [tracking.redact(a) for a in options.argv]
+        resume_cmd = shlex.join(["python", study.script, *argv, "--resume", name])
         tags = {
             "preset": plan.preset,
             "preset_reason": plan.preset_reason,
@@ -102,14 +103,14 @@ def run(study: Study, options: Options) -> int:
             "fbft.data": plan.data,
             tracking.NOTE_TAG: f"{study.title} (running)",
         }
-        params = {"command": shlex.join(["python", study.script, *options.argv])}
+        params = {"command": shlex.join(["python", study.script, *argv])}
         params.update({k: show(v) for k, v in options.comparable().items() if k != "axes"})
         params.update({k: show(v) for k, v in options.axes.items()})
         parent = tracking.start_parent_run(client, experiment, name, params, tags)
         state = StudyState(
             name=name,
             parent_run_id=parent,
-            tracking_uri=uri,
+            tracking_uri=tracking.redact(uri),
             resume_command=resume_cmd,
             options=options.comparable(),
             started=started,
@@ -117,6 +118,11 @@ def run(study: Study, options: Options) -> int:
         state.write(storage)
     else:
         name = state.name
+        if state.tracking_uri != tracking.redact(uri):
+            raise StudyError(
+                f"--resume {name}: the study is tracked in {state.tracking_uri}, not in "
+                f"{tracking.redact(uri)}; pass its --tracking-uri"
+            )
     print(_banner(study, options, plan, uri, cache_root), flush=True)
     invocation = uuid.uuid4().hex[:12]
     context = Context(
@@ -125,7 +131,7 @@ def run(study: Study, options: Options) -> int:
         base_config=plan.base.to_dict(),
         variants=plan.variants,
         variant_axes=plan.variant_axes,
-        tracking_uri=state.tracking_uri,
+        tracking_uri=uri,
         parent_run_id=state.parent_run_id,
         invocation=invocation,
         cache_dir=None if options.no_cache else str(cache_root / "features"),
@@ -147,7 +153,9 @@ def run(study: Study, options: Options) -> int:
         print(f"resuming {name}", flush=True)
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
     else:
-        tuner = _tuner(study, options, plan, trainable, storage, name, progress)
+        tuner = _tuner(
+            study, options, plan, trainable, storage=storage, name=name, progress=progress
+        )
     try:
         grid = tuner.fit()
     except KeyboardInterrupt:
@@ -160,7 +168,9 @@ def run(study: Study, options: Options) -> int:
             flush=True,
         )
         return 130
-    return report.summarise(study, options, outcome, state, path, started)
+    return report.summarise(
+        study, options, outcome, state=state, path=path, started=started, uri=uri
+    )
 
 
 def _plan(study: Study, options: Options, cache_root: Path) -> Plan:
@@ -234,7 +244,16 @@ def _cells(study: Study, options: Options, cats: list[str]) -> list[dict[str, An
     return [{**c, "index": i} for i, c in enumerate(cells)]
 
 
-def _tuner(study, options, plan, trainable, storage, name, progress) -> Any:
+def _tuner(
+    study: Study,
+    options: Options,
+    plan: Plan,
+    trainable: Any,
+    *,
+    storage: str,
+    name: str,
+    progress: Any,
+) -> Any:
     from ray import tune
 
     run_config = tune.RunConfig(
@@ -288,6 +307,7 @@ def _job(options: Options, plan: Plan, cache_root: Path) -> Any:
         pictures=options.pictures,
         target_fpr=options.target_fpr,
         log_teacher=options.log_teacher,
+        teacher_per_epoch=options.teacher_per_epoch,
     )
 
 

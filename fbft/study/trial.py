@@ -92,6 +92,7 @@ def run_trial(config: dict[str, Any], context: Context) -> None:
         tune.report(runs.finished_metrics())
         return
     runs.reraise_known_failure()
+    runs.start()
     done, totals = 0, [{} for _ in context.variants]
     try:
         for done, category in enumerate(cell.categories, start=1):
@@ -185,10 +186,8 @@ class _Runs:
             self.ids.append(run_id)
             states.append(finished)
         self.finished = all(states)
-        if not self.finished:
-            self._start()
 
-    def _start(self) -> None:
+    def start(self) -> None:
         import ray
 
         from fbft import tracking
@@ -235,7 +234,7 @@ class _Runs:
             tracking.log_metrics(self.client, run_id, {prefix + k: v for k, v in metrics.items()})
             if not prefixed:
                 tracking.log_params(self.client, run_id, {"category": category, **outcome.sizes})
-            tracking.set_tags(self.client, run_id, {**outcome.tags, **_teacher_tags(outcome)})
+            tracking.set_tags(self.client, run_id, outcome.tags)
             for name, path in outcome.files[i].items():
                 folder = str(Path(prefix + name).parent)
                 self.client.log_artifact(run_id, str(path), None if folder == "." else folder)
@@ -292,11 +291,3 @@ class _Runs:
     def finish(self) -> None:
         for run_id in self.ids:
             self.client.set_terminated(run_id, "FINISHED")
-
-
-def _teacher_tags(outcome: Outcome) -> dict[str, str]:
-    teacher = getattr(outcome.detector, "teacher", None)
-    if teacher is None:
-        return {}
-    device = getattr(outcome.detector, "device", "cpu")
-    return {"teacher_weights": teacher.weights_source, "device": str(device)}
