@@ -24,7 +24,7 @@ from fbft.config import FBFTConfig
 from fbft.detector import INFERENCE_FIELDS, Prediction, TokenPair, Variant
 from fbft.students import Students, load_official_students, transfer_loss
 from fbft.teacher import Teacher, TeacherBatch, _chunks, _sync, flushed_denormals
-from fbft.tokens import Tier, TokenStore
+from fbft.tokens import Tier, TokenStore, release_free_memory
 
 FORMAT_VERSION = 1
 Tokens = tuple[torch.Tensor, torch.Tensor]
@@ -184,7 +184,8 @@ class FBFT:
         variants: Sequence[Variant] = ({},),
     ) -> list[Prediction]:
         """One :class:`Prediction` per variant (a dict over fusion, distance, blur overriding
-        the config), the students run once per batch."""
+        the config), the students run once per batch. Each prediction's ``seconds`` carry the
+        shared students' time and its own maps' time."""
         if len(tokens) != len(sizes):
             raise ValueError(f"got {len(tokens)} token pairs but {len(sizes)} image sizes")
         return self._predict(self._token_batches(tokens, sizes), variants)
@@ -234,6 +235,7 @@ class FBFT:
                     pred.seconds["maps"] += time.perf_counter() - start
                     pred.seconds["teacher"] += teacher_s
                     pred.seconds["students"] += students_s
+                release_free_memory()  # transient buffers: keep peak RSS flat in the images
         return out
 
     def _variant(self, variant: Variant) -> dict[str, Any]:

@@ -85,7 +85,7 @@ class TokenStore:
     """Per-image token pairs on the device, in host memory or in files, within a byte budget.
 
     ``add(f_j, f_k)`` appends one image's ``(N, D)`` tokens (tensors or arrays, float16 or
-    float32); ``batch(indices)`` gives float32 ``(len(indices) * N, D)`` tensors on ``device``.
+    float32); ``batch(indices)`` gives float32 ``(len(indices), N, D)`` tensors on ``device``.
     """
 
     def __init__(self, device: torch.device, max_token_gb: float | None = None) -> None:
@@ -125,7 +125,7 @@ class TokenStore:
             if self.used[tier] + size <= self.budget[tier]:
                 self.used[tier] += size
                 self._entries.append((tier, self._place(f_j, tier), self._place(f_k, tier)))
-                self.tiers.add("host" if self.device.type == "cpu" else tier)
+                self.tiers.add(tier)  # on a CPU device the device budget is 0: "host"
                 return
         f_j, f_k = _numpy(f_j), _numpy(f_k)
         self._entries.append(("file", self._write(f_j, f_k), (f_j.shape, f_j.dtype)))
