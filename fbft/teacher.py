@@ -62,8 +62,14 @@ def check_backbone(backbone: str, backbone_kwargs: dict[str, Any] | None = None)
     Raises a ValueError naming the backbone when it is unknown or not a ViT with ``blocks``,
     ``patch_embed`` and ``forward_intermediates`` (e.g. a ResNet).
     """
-    with torch.device("meta"):
-        model = _timm_model(backbone, pretrained=False, **dict(backbone_kwargs or {}))
+    kwargs = dict(backbone_kwargs or {})
+    try:
+        with torch.device("meta"):
+            model = _timm_model(backbone, pretrained=False, **kwargs)
+    except TypeError as err:  # architecture overrides this model does not take
+        raise ValueError(
+            f"cannot build backbone {backbone!r} with backbone_kwargs {kwargs}: {err}"
+        ) from None
     missing = [
         a for a in ("blocks", "patch_embed", "forward_intermediates") if not hasattr(model, a)
     ]

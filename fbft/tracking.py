@@ -106,8 +106,8 @@ def prepare_store(uri: str) -> MlflowClient:
             ) from None
         return MlflowClient(uri)
     with _store_lock(uri):
-        client = MlflowClient(uri)
         try:
+            client = MlflowClient(uri)
             client.search_experiments(max_results=1)
         except Exception as err:  # SQLAlchemy/MLflow errors of a file that is not a store
             raise TrackingError(
