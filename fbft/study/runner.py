@@ -222,25 +222,26 @@ def _with_cluster(
 
 
 def _cells(study: Study, options: Options, cats: list[str]) -> list[dict[str, Any]]:
-    """The grid's trials: categories × training axes × seeds (search: one template)."""
+    """The grid's trials: training axes × seeds × categories (search: one template). The
+    category varies fastest, so trials that run together read different images: none waits
+    for another's teacher pass of the same image."""
     axes = study.training_axes
     if study.search is not None:
         return [{"categories": cats, "seed": options.seeds[0], "method": "fbft", "shots": "full"}]
     cells = []
-    for cat in cats:
-        for values in itertools.product(*(options.axes[a.name] for a in axes)):
-            for seed in options.seeds:
-                changes, shown, cell = {}, {}, {"categories": [cat], "seed": seed}
+    for values in itertools.product(*(options.axes[a.name] for a in axes)):
+        for seed in options.seeds:
+            for cat in cats:
+                cell: dict[str, Any] = {"categories": [cat], "seed": seed, "method": "fbft",
+                                        "shots": "full", "changes": {}, "axes": {}}  # fmt: skip
                 for axis, value in zip(axes, values, strict=True):
                     if axis.name in ("shots", "method"):
                         cell[axis.name] = value
                     else:
-                        changes.update(axis.config_changes(value))
-                    shown[axis.name] = show(value)
-                shown["seed"] = str(seed)
-                cells.append(
-                    {"method": "fbft", "shots": "full", **cell, "axes": shown, "changes": changes}
-                )
+                        cell["changes"].update(axis.config_changes(value))
+                    cell["axes"][axis.name] = show(value)
+                cell["axes"]["seed"] = str(seed)
+                cells.append(cell)
     return [{**c, "index": i} for i, c in enumerate(cells)]
 
 
