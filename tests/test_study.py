@@ -108,13 +108,15 @@ def test_few_shot_study_logs_one_parent_and_a_child_per_trial(workdir, capsys):
     assert parent.data.metrics["teacher_passes"] == 2 * (5 + 6)
 
 
-def test_a_second_identical_study_runs_no_teacher_pass(workdir):
+def test_a_second_identical_study_runs_no_teacher_pass_but_heals_a_corrupt_entry(workdir):
+    entry = sorted((workdir / "cache" / "features").rglob("*.npy"))[0]
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated
     assert run(workdir, "few_shot", "--shots", "2", "3", experiment="few") == 0
     _, parents, children = runs_of(workdir, "few")
     assert len(parents) == 2
     newest = max(parents, key=lambda r: r.info.start_time)
     mine = [c for c in children if c.data.tags["mlflow.parentRunId"] == newest.info.run_id]
-    assert len(mine) == 4 and newest.data.metrics["teacher_passes"] == 0
+    assert len(mine) == 4 and newest.data.metrics["teacher_passes"] == 1  # the corrupt one
     assert all(c.data.metrics["cache/teacher_reused"] > 0 for c in mine)
 
 
@@ -152,6 +154,17 @@ def test_fusion_variants_come_from_one_fit_and_equal_a_single_fusion_study(workd
     together = next(c for c in children if c.data.params["fusion"] == "sum")
     for key in ("aupro_5", "official_aupro_30", "i_auroc", "p_auroc"):
         assert together.data.metrics[key] == alone[0].data.metrics[key]
+
+
+def test_several_datasets_group_the_table(workdir, capsys):
+    generate(workdir / "data2", categories=["grass"], image_size=80, n_train=3, n_test=4)
+    flags = ["--shots", "2", "--categories", "gravel", "grass"]
+    code = run(workdir, "few_shot", *flags, "--data", str(workdir / "data"),
+               str(workdir / "data2"), experiment="two")  # fmt: skip
+    assert code == 0
+    assert "| dataset | shots | I-AUROC |" in capsys.readouterr().out
+    _, _, children = runs_of(workdir, "two")
+    assert {c.data.tags["category"] for c in children} == {"gravel", "grass"}
 
 
 @pytest.mark.parametrize(

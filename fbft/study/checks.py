@@ -32,31 +32,31 @@ def storage_writable(storage: str) -> None:
         ) from None
 
 
-def categories(data: str, options: Options) -> list[str]:
-    """The categories to run: all of the dataset's, or the requested ones (checked)."""
+def categories(roots: list[str], options: Options) -> dict[str, list[str]]:
+    """The categories to run per dataset root: all, or the requested ones that the root has
+    (a requested category that no root has is an error)."""
     from fbft.data import DatasetError
     from fbft.data import categories as known_categories
+    from fbft.data.synthetic import CATEGORIES
 
-    try:
-        known = known_categories(data, options.format)
-    except DatasetError as err:
-        raise CheckError(str(err)) from None
-    except FileNotFoundError:  # a synthetic root not made yet
-        known = []
+    known: dict[str, list[str]] = {}
+    for root in roots:
+        try:
+            known[root] = known_categories(root, options.format)
+        except DatasetError as err:
+            raise CheckError(str(err)) from None
+        except FileNotFoundError:  # a synthetic root not made yet
+            known[root] = list(CATEGORIES)
     if not options.categories:
-        if not known:
-            from fbft.data.synthetic import CATEGORIES
-
-            return list(CATEGORIES)
         return known
-    if not known:
-        from fbft.data.synthetic import CATEGORIES
-
-        known = list(CATEGORIES)
-    unknown = sorted(set(options.categories) - set(known))
+    everywhere = {c for cats in known.values() for c in cats}
+    unknown = sorted(set(options.categories) - everywhere)
     if unknown:
-        raise CheckError(f"unknown categories {unknown} in {data}; known: {', '.join(known)}")
-    return list(options.categories)
+        where = ", ".join(roots)
+        raise CheckError(
+            f"unknown categories {unknown} in {where}; known: {', '.join(sorted(everywhere))}"
+        )
+    return {r: [c for c in options.categories if c in cats] for r, cats in known.items()}
 
 
 def resources(options: Options, cluster: dict[str, float], remote: bool) -> None:

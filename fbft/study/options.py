@@ -37,7 +37,7 @@ class Options:
     """Everything a study invocation was asked to do (axis values under ``axes``)."""
 
     axes: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    data: str | None = None
+    data: tuple[str, ...] = ()
     format: str = "auto"
     categories: tuple[str, ...] = ()
     preset: str = "auto"
@@ -125,7 +125,9 @@ def build_parser(study: Study) -> argparse.ArgumentParser:
             axis.flag, nargs="+", type=axis.parse, default=list(axis.default), help=axis.help
         )
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="dataset root (default: the synthetic benchmark, made once)")
+    g.add_argument("--data", nargs="+", default=[],
+                   help="dataset roots; with several, tables group rows per dataset "
+                   "(default: the synthetic benchmark, made once)")  # fmt: skip
     g.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa", "visa_1cls"])
     g.add_argument("--categories", nargs="+", default=[], help="categories to run (default: all)")
     g = p.add_argument_group("detector (unset = the preset's value)")

@@ -93,7 +93,8 @@ def table(study: Study, options: Options, rows: list[dict[str, Any]]) -> tuple[s
     df = pd.DataFrame(rows)
     if study.search is not None:
         return _search_table(df, options, columns), df
-    keys = [a.name for a in study.axes] + (["method"] if _varies(df, "method") else [])
+    keys = (["dataset"] if _varies(df, "dataset") else []) + [a.name for a in study.axes]
+    keys += ["method"] if _varies(df, "method") else []
     keys = [k for k in dict.fromkeys(keys) if k in df]
     for col in columns:
         if col not in df:

@@ -11,6 +11,7 @@ import shlex
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,9 +34,9 @@ class StudyError(Exception):
 class Plan:
     """What the checks decided: data, categories, the base detector config and the grid."""
 
-    data: str
+    data: tuple[str, ...]
     synthetic: bool
-    categories: list[str]
+    categories: dict[str, list[str]]  # per dataset root
     preset: str
     preset_reason: str
     base: FBFTConfig
@@ -100,7 +101,7 @@ def run(study: Study, options: Options) -> int:
             "preset": plan.preset,
             "preset_reason": plan.preset_reason,
             "study": study.name,
-            "fbft.data": plan.data,
+            "fbft.data": ",".join(plan.data),
             tracking.NOTE_TAG: f"{study.title} (running)",
         }
         params = {"command": shlex.join(["python", study.script, *argv])}
@@ -126,15 +127,12 @@ def run(study: Study, options: Options) -> int:
     print(_banner(study, options, plan, uri, cache_root), flush=True)
     invocation = uuid.uuid4().hex[:12]
     context = Context(
-        data=plan.data,
-        format=options.format,
         base_config=plan.base.to_dict(),
         variants=plan.variants,
         variant_axes=plan.variant_axes,
         tracking_uri=uri,
         parent_run_id=state.parent_run_id,
         invocation=invocation,
-        cache_dir=None if options.no_cache else str(cache_root / "features"),
         cpus_per_trial=options.cpus_per_trial,
         job=_job(options, plan, cache_root),
         tags={"preset": plan.preset, "study": study.name},
@@ -174,11 +172,13 @@ def run(study: Study, options: Options) -> int:
 
 
 def _plan(study: Study, options: Options, cache_root: Path) -> Plan:
-    data, synthetic = _data_root(options, cache_root)
-    cats = checks.categories(data, options)
+    roots, synthetic = _data_roots(options, cache_root)
+    if study.search is not None and len(roots) > 1:
+        raise StudyError("a search runs on one dataset: give one --data root")
+    cats = checks.categories(roots, options)
     if synthetic:
-        _ensure_synthetic(Path(data), cats)
-    return Plan(data, synthetic, cats, "", "", FBFTConfig(), 0, [], ({},), ({},))
+        _ensure_synthetic(Path(roots[0]), cats[roots[0]])
+    return Plan(tuple(roots), synthetic, cats, "", "", FBFTConfig(), 0, [], ({},), ({},))
 
 
 def _with_cluster(
@@ -201,7 +201,8 @@ def _with_cluster(
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         raise StudyError(str(err)) from None
     depth = checks.detector_inputs(study, options, base)
-    checks.shots(options, plan.data, plan.categories)
+    for root, cats in plan.categories.items():
+        checks.shots(options, root, cats)
     cells = _cells(study, options, plan.categories)
     inference = study.inference_axes
     combos = list(itertools.product(*(options.axes[a.name] for a in inference))) or [()]
@@ -221,28 +222,38 @@ def _with_cluster(
     )
 
 
-def _cells(study: Study, options: Options, cats: list[str]) -> list[dict[str, Any]]:
-    """The grid's trials: training axes × seeds × categories (search: one template). The
-    category varies fastest, so trials that run together read different images: none waits
-    for another's teacher pass of the same image."""
+def _cells(study: Study, options: Options, cats: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """The grid's trials: training axes × seeds × datasets × categories (search: one template).
+    The category varies fastest, so trials that run together read different images: none
+    waits for another's teacher pass of the same image."""
     axes = study.training_axes
     if study.search is not None:
-        return [{"categories": cats, "seed": options.seeds[0], "method": "fbft", "shots": "full"}]
+        ((root, names),) = cats.items()
+        return [{"data": root, "categories": names, "seed": options.seeds[0], "method": "fbft",
+                 "shots": "full"}]  # fmt: skip
     cells = []
     for values in itertools.product(*(options.axes[a.name] for a in axes)):
         for seed in options.seeds:
-            for cat in cats:
-                cell: dict[str, Any] = {"categories": [cat], "seed": seed, "method": "fbft",
-                                        "shots": "full", "changes": {}, "axes": {}}  # fmt: skip
-                for axis, value in zip(axes, values, strict=True):
-                    if axis.name in ("shots", "method"):
-                        cell[axis.name] = value
-                    else:
-                        cell["changes"].update(axis.config_changes(value))
-                    cell["axes"][axis.name] = show(value)
-                cell["axes"]["seed"] = str(seed)
-                cells.append(cell)
+            for root, names in cats.items():
+                for cat in names:
+                    cell = _cell(axes, values, seed, root, cat)
+                    if len(cats) > 1:
+                        cell["axes"] = {"dataset": Path(root).name, **cell["axes"]}
+                    cells.append(cell)
     return [{**c, "index": i} for i, c in enumerate(cells)]
+
+
+def _cell(axes: Sequence[Any], values: Sequence[Any], seed: int, root: str, cat: str) -> dict:
+    cell: dict[str, Any] = {"data": root, "categories": [cat], "seed": seed, "method": "fbft",
+                            "shots": "full", "changes": {}, "axes": {}}  # fmt: skip
+    for axis, value in zip(axes, values, strict=True):
+        if axis.name in ("shots", "method"):
+            cell[axis.name] = value
+        else:
+            cell["changes"].update(axis.config_changes(value))
+        cell["axes"][axis.name] = show(value)
+    cell["axes"]["seed"] = str(seed)
+    return cell
 
 
 def _tuner(
@@ -272,7 +283,7 @@ def _tuner(
         scheduler = None
         if options.asha:
             scheduler = ASHAScheduler(
-                time_attr="categories_done", max_t=len(plan.categories), grace_period=1
+                time_attr="categories_done", max_t=len(plan.cells[0]["categories"]), grace_period=1
             )
         tune_config = tune.TuneConfig(
             metric=options.metric,
@@ -292,7 +303,7 @@ def _job(options: Options, plan: Plan, cache_root: Path) -> Any:
     from fbft.study.job import Job
 
     return Job(
-        data=plan.data,
+        data="",
         format=options.format,
         category="",
         method="fbft",
@@ -312,17 +323,20 @@ def _job(options: Options, plan: Plan, cache_root: Path) -> Any:
     )
 
 
-def _data_root(options: Options, cache_root: Path) -> tuple[str, bool]:
+def _data_roots(options: Options, cache_root: Path) -> tuple[list[str], bool]:
     if options.data:
-        root = Path(options.data).expanduser().resolve()
-        if not root.is_dir():
-            raise StudyError(f"--data {options.data}: no such folder")
-        return str(root), False
+        roots = []
+        for given in options.data:
+            root = Path(given).expanduser().resolve()
+            if not root.is_dir():
+                raise StudyError(f"--data {given}: no such folder")
+            roots.append(str(root))
+        return list(dict.fromkeys(roots)), False
     from fbft.data.synthetic import VERSION
 
     root = cache_root / "synthetic" / f"v{VERSION}-seed{SYNTHETIC['seed']}"
     print(f"no --data: the synthetic benchmark in {root} (made once per category)", flush=True)
-    return str(root), True
+    return [str(root)], True
 
 
 def _ensure_synthetic(root: Path, cats: list[str]) -> None:
@@ -359,8 +373,10 @@ def _banner(study: Study, options: Options, plan: Plan, uri: str, cache_root: Pa
         f"{base.layers[1]}, weights {weights}",
         f"students    {base.epochs} epochs, lr {base.lr:g}, batch {base.batch_size} images, "
         f"loss {base.loss}",
-        f"data        {plan.data}{' (synthetic)' if plan.synthetic else ''}: "
-        f"{', '.join(plan.categories)}",
+        *(
+            f"data        {root}{' (synthetic)' if plan.synthetic else ''}: {', '.join(cats)}"
+            for root, cats in plan.categories.items()
+        ),
         f"trials      {len(plan.cells) if not study.search else options.num_samples}"
         + (f", {len(plan.variants)} variants each from one fit" if len(plan.variants) > 1 else ""),
         f"cache       {checks.cache_line(cache_root, options)}",

@@ -33,15 +33,12 @@ class TrialError(Exception):
 class Context:
     """Everything a trial needs besides its own settings (the same for every trial)."""
 
-    data: str
-    format: str
     base_config: dict[str, Any]
     variants: tuple[dict[str, Any], ...]
     variant_axes: tuple[dict[str, str], ...]
     tracking_uri: str
     parent_run_id: str
     invocation: str
-    cache_dir: str | None
     cpus_per_trial: float
     job: Job  # the settings every job shares (data, cache, metrics); per-trial fields replaced
     tags: dict[str, str]
@@ -52,6 +49,7 @@ class Context:
 class Cell:
     """A trial's own settings, from its Tune config."""
 
+    data: str
     categories: tuple[str, ...]
     method: str
     shots: int | str
@@ -69,6 +67,7 @@ class Cell:
         axes = dict(cell.get("axes", {}))
         axes.update({k: show(v) for k, v in config.items() if k != "trial"})
         return cls(
+            cell["data"],
             tuple(cell["categories"]),
             cell.get("method", "fbft"),
             cell.get("shots", "full"),
@@ -116,6 +115,7 @@ def _run_category(category: str, cell: Cell, context: Context, runs: _Runs) -> O
     config = {**context.base_config, **cell.changes, "progress": False}
     job = replace(
         context.job,
+        data=cell.data,
         category=category,
         method=cell.method,
         config=config,
