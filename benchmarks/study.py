@@ -40,8 +40,8 @@ def sweep(work: Path, data: Path, model_flags: list[str], cache: bool, name: str
     return {
         "cache": "on" if cache else "off (--no-cache)",
         "trials": len(children),
-        "teacher_passes": int(sum(r.data.metrics["teacher_passes"] for r in children)),
-        "teacher_reused": int(sum(r.data.metrics["teacher_reused"] for r in children)),
+        "teacher_passes": int(sum(r.data.metrics["cache/teacher_passes"] for r in children)),
+        "teacher_reused": int(sum(r.data.metrics["cache/teacher_reused"] for r in children)),
         "wall_s": wall,
     }
 

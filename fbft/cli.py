@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fbft import features, predict
+from fbft import cache_admin, features, predict
 from fbft.data import synthetic
 
 
@@ -62,7 +62,7 @@ def _root(args: argparse.Namespace) -> Path:
 
 
 def _info(args: argparse.Namespace) -> int:
-    summary = features.info(_root(args))
+    summary = cache_admin.info(_root(args))
     print(f"cache {summary['root']}")
     for t in summary["teachers"]:
         ident = t["identity"]
@@ -90,7 +90,7 @@ def _prune(args: argparse.Namespace) -> int:
     if not root.exists():
         print(f"no cache at {root}")
         return 0
-    result = features.prune(root, args.max_gb, args.older_than, args.teacher, args.all)
+    result = cache_admin.prune(root, args.max_gb, args.older_than, args.teacher, args.all)
     print(
         f"removed {result.removed} entries ({_gb(result.freed_bytes)}); "
         f"{result.busy} in use by a trial were kept"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
@@ -63,6 +64,36 @@ class Detector(Protocol):
     def describe(self) -> dict[str, Any]:
         """JSON-able identity: method, settings, teacher identity."""
         ...
+
+
+def save_state(state: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write a detector's state atomically (a temporary file, then ``os.replace``)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(dict(state), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_state(path: str | os.PathLike[str], what: str, version: int) -> dict[str, Any]:
+    """Read a detector's state (tensors and plain values only: ``weights_only``), checking
+    that the file exists and has the format ``version`` this fbft reads."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved {what} detector at {str(path)!r}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    found = state.get("format_version") if isinstance(state, dict) else None
+    if found != version:
+        raise ValueError(
+            f"{path}: unsupported {what} file format version {found!r} "
+            f"(this fbft reads version {version})"
+        )
+    return state
 
 
 def build(method: str, config: Mapping[str, Any]) -> tuple[Detector, Any]:

@@ -21,7 +21,14 @@ from tqdm.auto import tqdm
 
 from fbft import maps
 from fbft.config import FBFTConfig
-from fbft.detector import INFERENCE_FIELDS, Prediction, TokenPair, Variant
+from fbft.detector import (
+    INFERENCE_FIELDS,
+    Prediction,
+    TokenPair,
+    Variant,
+    load_state,
+    save_state,
+)
 from fbft.students import Students, load_official_students, transfer_loss
 from fbft.teacher import Teacher, TeacherBatch, _chunks, _sync, flushed_denormals
 from fbft.tokens import Tier, TokenStore, release_free_memory
@@ -253,8 +260,6 @@ class FBFT:
         """Save the students' weights with the JSON config, teacher identity and format version."""
         if self.students is None:
             raise RuntimeError("nothing to save: the students are not trained (call fit first)")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "format_version": FORMAT_VERSION,
             "config": self.config.to_json(),
@@ -262,10 +267,7 @@ class FBFT:
             "students": {k: v.detach().cpu() for k, v in self.students.state_dict().items()},
             "history": list(self.history),
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        return path
+        return save_state(state, path)
 
     @classmethod
     def load(
@@ -273,16 +275,7 @@ class FBFT:
     ) -> FBFT:
         """Load a saved detector; ``device``/``weights`` override where it runs and where the
         teacher weights come from (they must be the same weights the students were trained on)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no saved FBFT model at {str(path)!r}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        version = state.get("format_version") if isinstance(state, dict) else None
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: unsupported FBFT file format version {version!r} "
-                f"(this fbft reads version {FORMAT_VERSION})"
-            )
+        state = load_state(path, "FBFT", FORMAT_VERSION)
         config = FBFTConfig.from_dict(json.loads(state["config"]))
         overrides = {k: v for k, v in (("device", device), ("weights", weights)) if v is not None}
         model = cls(config.replace(**overrides))

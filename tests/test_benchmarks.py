@@ -19,6 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
         ("inference", {"teacher_ms", "students_ms", "maps_ms", "end_to_end_ms", "MFU_%"}),
         ("training", {"students_tokens_per_s", "speedup", "teacher_passes_cached"}),
         ("study", {"teacher_passes", "wall_s", "passes_per_distinct_image"}),
+        ("main_job", {"stage", "where", "seconds"}),
         ("scale", {"fit_peak_rss_gb", "predict_peak_rss_gb", "tier", "epoch_s"}),
     ],
 )

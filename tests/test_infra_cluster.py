@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -152,7 +153,10 @@ def test_study_logs_to_a_real_mlflow_server(tmp_path, data):
         assert len(runs) == 3 and len(children) == 2
         assert all("aupro_5_q1" in r.data.metrics for r in children)
         names = {a.path for a in client.list_artifacts(children[0].info.run_id)}
-        assert "students.pt" in names
+        assert {"pro_curve.png", "maps"} <= names
+        mlflow.set_tracking_uri(url)
+        info = mlflow.models.get_model_info(f"runs:/{children[0].info.run_id}/model")
+        assert "python_function" in info.flavors
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to a local store
     assert any((tmp_path / "artifacts").rglob("students.pt"))  # served by the server
 

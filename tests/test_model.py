@@ -65,7 +65,7 @@ def _resaved_with(model: FBFT, tmp_path, **changes) -> str:
 
 
 def test_load_rejects_other_formats_and_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no saved FBFT model"):
+    with pytest.raises(FileNotFoundError, match="no saved FBFT detector"):
         FBFT.load(tmp_path / "missing.pt")
     torch.save({"format_version": 99}, tmp_path / "future.pt")
     with pytest.raises(ValueError, match="format version 99"):

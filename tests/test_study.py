@@ -183,7 +183,7 @@ def test_several_datasets_group_the_table(workdir, capsys):
                 "--sizes",
                 "56",
                 "--cache-dir",
-                "cache-benchmark",
+                "{workdir}/cache-benchmark",
             ],
             3,
         ),
@@ -192,6 +192,7 @@ def test_several_datasets_group_the_table(workdir, capsys):
 )
 def test_every_study_runs_on_tiny_settings(workdir, study, flags, runs, capsys):
     categories = ["--categories", "gravel"] if study != "search" else []
+    flags = [f.format(workdir=workdir) for f in flags]
     assert run(workdir, study, *categories, *flags, experiment=study) == 0
     assert "| " in capsys.readouterr().out
     _, parents, children = runs_of(workdir, study)
@@ -232,6 +233,18 @@ def test_shots_must_be_positive_or_full(workdir, shots, capsys):
     with pytest.raises(SystemExit) as exit_:
         run(workdir, "few_shot", "--shots", shots, experiment="bad")
     assert exit_.value.code == 2 and "positive number of images" in capsys.readouterr().err
+
+
+def test_full_training_sets_and_seeds_give_a_spread(workdir, capsys):
+    flags = ["--shots", "2", "full", "--seeds", "0", "1", "--categories", "gravel"]
+    assert run(workdir, "few_shot", *flags, experiment="spread") == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| 2 |", "| full |"))]
+    assert len(rows) == 2 and all(" ± " in row for row in rows)
+    assert "± = std over 2 seeds" in out
+    _, _, children = runs_of(workdir, "spread")
+    n_train = {c.data.params["shots"]: c.data.params["n_train"] for c in children}
+    assert n_train == {"2": "2", "full": "5"}
 
 
 def test_a_typo_in_an_axis_name_fails_at_declaration():

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from fbft import maps
 from fbft.baselines.neighbours import DEFAULT_CHUNK
-from fbft.detector import Prediction, TokenPair, Variant
+from fbft.detector import Prediction, TokenPair, Variant, load_state, save_state
 from fbft.model import resolve_device
 
 FORMAT_VERSION = 1
@@ -62,7 +62,6 @@ class BankConfig:
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
 
 
 def _as_float32(array: Any) -> torch.Tensor:
@@ -125,7 +124,6 @@ class BankDetector:
         self.device = resolve_device(self.config.device)
         self.teacher = dict(teacher) if teacher is not None else None
         self.grid: int | None = None
-        self.timings: dict[str, float] = {}
 
     # --------------------------------------------------------------- subclasses
     def _fit(self, tokens: Sequence[TokenPair]) -> None:
@@ -159,10 +157,8 @@ class BankDetector:
         if len(tokens) == 0:
             raise ValueError("fit needs at least one nominal training image; got none")
         self.grid = None
-        start = time.perf_counter()
         self._fit(tokens)
         self._sync()
-        self.timings["fit_seconds"] = time.perf_counter() - start
         return self
 
     @torch.no_grad()
@@ -217,8 +213,6 @@ class BankDetector:
         """Atomically write the bank tensors with the JSON settings and a format version."""
         if self.grid is None:
             raise RuntimeError(f"nothing to save: {type(self).__name__} is not fitted")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {
             "format_version": FORMAT_VERSION,
             "method": self.method,
@@ -227,24 +221,12 @@ class BankDetector:
             "grid": self.grid,
             "tensors": {k: v.detach().cpu() for k, v in self._tensors().items()},
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        return path
+        return save_state(state, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str | None = None) -> Self:
         """Load a saved detector of this method; ``device`` overrides where it runs."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no saved {cls.method} detector at {str(path)!r}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        version = state.get("format_version") if isinstance(state, dict) else None
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: unsupported {cls.method} file format version {version!r} "
-                f"(this fbft reads version {FORMAT_VERSION})"
-            )
+        state = load_state(path, cls.method, FORMAT_VERSION)
         if state["method"] != cls.method:
             raise ValueError(f"{path} holds a {state['method']} detector, not {cls.method}")
         settings = json.loads(state["config"])

@@ -102,7 +102,9 @@ def run_job(job: Job, out: Path) -> Outcome:
         fit_seconds = time.perf_counter() - start
         del tokens  # releases the cache entries' read locks
     thresholds = _calibrate(detector, calibration, source, job)
+    start = time.perf_counter()
     evaluation = _evaluate(detector, test, source, job)
+    evaluate_seconds = time.perf_counter() - start
     report = source.report
     teacher_ms = float(np.mean(report.teacher_ms)) if report.teacher_ms else float("nan")
     per_image = {s: evaluation.seconds.get(s, 0.0) * 1000 / max(1, len(test))
@@ -112,6 +114,8 @@ def run_job(job: Job, out: Path) -> Outcome:
         "time/teacher_ms": teacher_ms,
         **{f"time/{s}_ms": v for s, v in per_image.items() if s in evaluation.seconds},
         "time/inference_ms": teacher_ms + sum(per_image.values()),
+        "time/evaluate_seconds": evaluate_seconds,  # teacher misses + predict + metrics
+        "time/metrics_seconds": evaluation.metric_seconds,
         "cache/teacher_passes": float(report.passes),
         "cache/teacher_reused": float(report.reused),
         "student_fits": 1.0,
@@ -135,7 +139,9 @@ def run_job(job: Job, out: Path) -> Outcome:
         for m, scores in zip(outcome.metrics, evaluation.scores, strict=True):
             found = decision_metrics(scores, evaluation.labels, thresholds)
             m.update({f"threshold/{k}": v for k, v in found.items()})
+    start = time.perf_counter()
     outcome.files = _figures(job, evaluation, out)
+    outcome.counters["time/figures_seconds"] = time.perf_counter() - start
     return outcome
 
 
@@ -148,6 +154,7 @@ class _Evaluation:
     curves: list[Any]
     shown: list[list[tuple[Any, np.ndarray, float]]]  # per variant: (sample, map, score)
     nominal_values: list[list[np.ndarray]]
+    metric_seconds: float = 0.0
 
 
 def _batches(dataset: Any, size: int) -> Any:
@@ -224,6 +231,7 @@ def _evaluate(detector: Any, test: Any, source: _TokenSource, job: Job) -> _Eval
                     ev.nominal_values[v].append(amap.ravel()[::37].copy())
                 if start + offset in picked:
                     ev.shown[v].append((sample, amap, float(score)))
+    start = time.perf_counter()
     for acc in accs:
         official = acc.compute(job.num_thresholds)
         exact = acc.compute(None)  # last, so acc.curves are the exact curves
@@ -237,6 +245,7 @@ def _evaluate(detector: Any, test: Any, source: _TokenSource, job: Job) -> _Eval
         )
         ev.metrics.append(metrics)
         ev.curves.append(acc.curves)
+    ev.metric_seconds = time.perf_counter() - start  # the accumulators' updates are not in it
     return ev
 
 

@@ -169,6 +169,7 @@ def summarise(
     path: str,
     started: float,
     uri: str,
+    phases: dict[str, float] | None = None,
 ) -> int:
     """Print the table; write summary.md, trials.csv and summary.png; finish the parent run."""
     import pandas as pd
@@ -202,6 +203,7 @@ def summarise(
         client.log_artifacts(parent, str(out))
     totals = {k: float(sum(r.get(k, 0.0) for r in found.rows)) for k in TOTALS}
     counts = {
+        **(phases or {}),
         "time/wall_seconds": wall,
         "trials_done": found.finished,
         "trials_failed": len(found.failures),

@@ -78,7 +78,10 @@ def run(study: Study, options: Options) -> int:
         Path(options.cache_dir).expanduser().resolve() if options.cache_dir else default_cache_dir()
     )
     state = find_state(study, options, storage)
+    phases = {"time/prepare_seconds": time.time() - started}
     plan = _plan(study, options, cache_root)
+    phases["time/data_seconds"] = time.time() - started - phases["time/prepare_seconds"]
+    mark = time.time()
     if not ray.is_initialized():
         try:
             ray.init(
@@ -91,7 +94,10 @@ def run(study: Study, options: Options) -> int:
             raise StudyError(
                 f"cannot connect to the Ray cluster at {options.address}: {err}"
             ) from None
+    phases["time/ray_start_seconds"] = time.time() - mark
+    mark = time.time()
     plan = _with_cluster(study, options, plan, ray.cluster_resources(), options.address)
+    phases["time/checks_seconds"] = time.time() - mark
     experiment = options.experiment or f"fbft-{study.name}"
     if state is None:
         name = f"{study.name}-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
@@ -154,10 +160,12 @@ def run(study: Study, options: Options) -> int:
         tuner = _tuner(
             study, options, plan, trainable, storage=storage, name=name, progress=progress
         )
+    mark = time.time()
     try:
         grid = tuner.fit()
     except KeyboardInterrupt:
         grid = None
+    phases["time/trials_seconds"] = time.time() - mark
     outcome = report.collect(grid, plan.variants, plan.variant_axes)
     if outcome.finished + len(outcome.failures) < total:
         print(
@@ -167,7 +175,7 @@ def run(study: Study, options: Options) -> int:
         )
         return 130
     return report.summarise(
-        study, options, outcome, state=state, path=path, started=started, uri=uri
+        study, options, outcome, state=state, path=path, started=started, uri=uri, phases=phases
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import tempfile
+import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -124,7 +125,11 @@ def _run_category(category: str, cell: Cell, context: Context, runs: _Runs) -> O
     )
     with tempfile.TemporaryDirectory(prefix=f"fbft-{category}-") as tmp:
         outcome = run_job(job, Path(tmp))
+        start = time.perf_counter()
         runs.log_category(category, outcome, Path(tmp), prefixed=len(cell.categories) > 1)
+        seconds = {"time/logging_seconds": time.perf_counter() - start}
+        runs.log_metrics(seconds, f"{category}/" if len(cell.categories) > 1 else "")
+        outcome.counters.update(seconds)
     return outcome
 
 
@@ -262,6 +267,11 @@ class _Runs:
                 log_teacher=self.context.job.log_teacher,
             )
         self.client.update_run(self.ids[0], status="RUNNING")
+
+    def log_metrics(self, metrics: dict[str, float], prefix: str) -> None:
+        from fbft import tracking
+
+        tracking.log_metrics(self.client, self.ids[0], {prefix + k: v for k, v in metrics.items()})
 
     def log_step(self, means: list[dict[str, float]], done: int) -> None:
         from fbft import tracking
