@@ -264,6 +264,19 @@ def test_resume_refuses_changed_options(workdir, capsys):
     assert "differ" in err and "shots" in err
 
 
+def test_without_data_the_synthetic_benchmark_is_made_for_the_asked_categories(workdir, capsys):
+    from fbft.study import main
+
+    cache = workdir / "fresh-cache"
+    argv = ["--categories", "parts", "--shots", "2", "--cache-dir", str(cache),
+            "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--experiment", "synthetic",
+            "--storage", str(workdir / "ray_results"), *TINY]  # fmt: skip
+    assert main(load_study("few_shot"), argv) == 0
+    assert "| shots |" in capsys.readouterr().out
+    made = [p.name for p in (cache / "synthetic").glob("*/[!.]*") if p.is_dir()]
+    assert made == ["parts"]  # only the category asked for
+
+
 def test_unreachable_tracking_server_and_unreadable_data_are_clear_errors(workdir, capsys):
     from fbft.study import main
 

@@ -37,7 +37,6 @@ def categories(roots: list[str], options: Options) -> dict[str, list[str]]:
     (a requested category that no root has is an error)."""
     from fbft.data import DatasetError
     from fbft.data import categories as known_categories
-    from fbft.data.synthetic import CATEGORIES
 
     known: dict[str, list[str]] = {}
     for root in roots:
@@ -45,8 +44,6 @@ def categories(roots: list[str], options: Options) -> dict[str, list[str]]:
             known[root] = known_categories(root, options.format)
         except DatasetError as err:
             raise CheckError(str(err)) from None
-        except FileNotFoundError:  # a synthetic root not made yet
-            known[root] = list(CATEGORIES)
     if not options.categories:
         return known
     everywhere = {c for cats in known.values() for c in cats}

@@ -42,9 +42,17 @@ def make_plan(study: Study, options: Options, cache_root: Path) -> Plan:
     roots, synthetic = _data_roots(options, cache_root)
     if study.search is not None and len(roots) > 1:
         raise CheckError("a search runs on one dataset: give one --data root")
+    if synthetic:  # made before its categories are read: only the ones asked for
+        from fbft.data.synthetic import CATEGORIES
+
+        unknown = sorted(set(options.categories) - set(CATEGORIES))
+        if unknown:
+            raise CheckError(
+                f"unknown categories {unknown} in the synthetic benchmark; known: "
+                f"{', '.join(CATEGORIES)}"
+            )
+        _ensure_synthetic(Path(roots[0]), list(options.categories or CATEGORIES))
     cats = checks.categories(roots, options)
-    if synthetic:
-        _ensure_synthetic(Path(roots[0]), cats[roots[0]])
     return Plan(tuple(roots), synthetic, cats, "", "", FBFTConfig(), 0, [], ({},), ({},))
 
 
