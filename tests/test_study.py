@@ -108,6 +108,32 @@ def test_few_shot_study_logs_one_parent_and_a_child_per_trial(workdir, capsys):
     assert parent.data.metrics["teacher_passes"] == 2 * (5 + 6)
 
 
+def test_fbft_predict_on_a_trials_model_gives_the_saved_detectors_scores(workdir, tmp_path):
+    import pandas as pd
+
+    from fbft import FBFT
+    from fbft.cli import main as fbft_cli
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    _, _, children = runs_of(workdir, "few")
+    child = next(c for c in children if c.data.tags["category"] == "gravel")
+    images = workdir / "data" / "gravel" / "test" / "good"
+    out = tmp_path / "out"
+    assert fbft_cli(["predict", "--model", f"runs:/{child.info.run_id}/model",
+                     "--tracking-uri", uri, "--out", str(out), str(images)]) == 0  # fmt: skip
+    scores = pd.read_csv(out / "scores.csv")
+    mlflow.set_tracking_uri(uri)
+    folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{child.info.run_id}/model"))
+    saved = FBFT.load(next(folder.rglob("students.pt")))
+    paths = sorted(images.glob("*.png"))
+    from fbft.data.common import read_image
+
+    _, expected = saved.predict([read_image(p) for p in paths])
+    assert len(scores) == len(paths) and "decision" in scores
+    assert scores["score"].tolist() == pytest.approx(expected, rel=1e-5)
+    assert all((out / "maps").glob("*.npy"))
+
+
 def test_a_second_identical_study_runs_no_teacher_pass_but_heals_a_corrupt_entry(workdir):
     entry = sorted((workdir / "cache" / "features").rglob("*.npy"))[0]
     entry.write_bytes(entry.read_bytes()[:100])  # truncated
