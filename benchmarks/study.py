@@ -1,8 +1,8 @@
 """A small few-shot sweep with and without the teacher-feature cache: passes and wall time.
 
-2 categories × shots 2/4/8 × 2 seeds (24 trials) of studies/few_shot.py on a generated set,
-run twice from an empty cache: once with the cache, once with --no-cache. Teacher passes are
-read back from the MLflow child runs.
+2 categories × shots 2/4/8 × 2 seeds (12 trials; --quick: shots 2/4, one seed) of
+studies/few_shot.py on a generated set, run twice from an empty cache: once with the cache,
+once with --no-cache. Teacher passes are read back from the MLflow child runs.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from fbft.data.synthetic import generate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sweep(work: Path, data: Path, model_flags: list[str], cache: bool, name: str) -> dict:
+def sweep(work: Path, data: Path, grid: list[str], cache: bool, name: str) -> dict:
     argv = [
         sys.executable, str(ROOT / "studies" / "few_shot.py"), "--data", str(data),
-        "--shots", "2", "4", "8", "--seeds", "0", "1", "--pictures", "1",
-        "--experiment", name, "--cache-dir", str(work / "cache"), *model_flags,
+        *grid, "--pictures", "1",
+        "--experiment", name, "--cache-dir", str(work / "cache"),
         *([] if cache else ["--no-cache"]),
     ]  # fmt: skip
     start = time.perf_counter()
@@ -49,13 +49,15 @@ def sweep(work: Path, data: Path, model_flags: list[str], cache: bool, name: str
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     args = p.parse_args()
-    if args.quick:
+    if args.quick:  # 2 categories × shots 2/4: 4 trials per sweep
         size, n_test = 64, 6
+        grid = ["--shots", "2", "4", "--seeds", "0"]
         model = ["--backbone", "vit_small_patch14_reg4_dinov2", "--weights", "random",
                  "--backbone-kwargs", json.dumps({"depth": 4, "embed_dim": 48, "num_heads": 2}),
                  "--image-size", "56", "--layers", "2,4", "--epochs", "2"]  # fmt: skip
     else:
         size, n_test = 512, 12
+        grid = ["--shots", "2", "4", "8", "--seeds", "0", "1"]
         model = ["--preset", "cpu", "--weights", "random", "--image-size", "224", "--epochs", "20"]
     with tempfile.TemporaryDirectory(prefix="fbft-bench-study-") as tmp:
         work = Path(tmp)
@@ -63,8 +65,8 @@ def main() -> None:
             work / "data", ["gravel", "parts"], image_size=size, n_train=8, n_test=n_test
         )
         rows = [
-            sweep(work, data, model, cache=True, name="with-cache"),
-            sweep(work, data, model, cache=False, name="without-cache"),
+            sweep(work, data, grid + model, cache=True, name="with-cache"),
+            sweep(work, data, grid + model, cache=False, name="without-cache"),
         ]
     distinct = 2 * (8 + n_test)
     for row in rows:

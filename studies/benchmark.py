@@ -7,7 +7,7 @@ teacher pass per image serves every method: the feature cache is shared. With se
 ``--data`` roots, run the script once per dataset (one table each).
 """
 
-from fbft.study import Axis, Study, main
+from fbft.study import Axis, Study, main, method
 
 COLUMNS = {
     "i_auroc": "I-AUROC",
@@ -24,7 +24,7 @@ STUDY = Study(
     name="benchmark",
     title="Main results: methods × input size (full training sets)",
     axes=(
-        Axis("method", "--methods", ("fbft", "patchcore", "spade"), "detectors to compare"),
+        Axis("method", "--methods", ("fbft", "patchcore", "spade"), "detectors to compare", method),
         Axis("image_size", "--sizes", (224, 1036), "teacher input sides in pixels", int),
     ),
     columns=COLUMNS,

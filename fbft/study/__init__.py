@@ -2,8 +2,9 @@
 
 A study script declares what it varies (``spec``: :class:`Axis`, :class:`Search`,
 :class:`Study`) and calls :func:`main`. The command line becomes a typed ``options.Options``;
-the ``runner`` (driver) checks every input (``checks``), resolves the teacher weights once,
-starts or resumes the Tune experiment (``state``) and prints progress (``progress``); each
+the ``runner`` (driver) checks every input (``checks``), decides what to run (``plan``: data,
+preset, teacher weights resolved once, trials and variants), starts or resumes the Tune
+experiment (``state``) and prints progress (``progress``); each
 trial runs on a Ray worker (``trial``: MLflow child runs and Tune reports around ``job``: data ->
 tokens -> one fit -> every variant -> metrics); ``report`` prints the table and finishes the
 parent run.
@@ -20,6 +21,7 @@ from fbft.study.spec import (
     backbone_at_size,
     backbone_changes,
     layer_pair,
+    method,
     shots,
 )
 
@@ -31,6 +33,7 @@ __all__ = [
     "backbone_changes",
     "layer_pair",
     "main",
+    "method",
     "shots",
 ]
 

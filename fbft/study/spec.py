@@ -53,6 +53,13 @@ def shots(text: str) -> int | str:
     return value
 
 
+def method(text: str) -> str:
+    """A detector: ``fbft``, ``patchcore`` or ``spade``."""
+    if text not in METHODS:
+        raise argparse.ArgumentTypeError(f"method {text!r}: choose {', '.join(METHODS)}")
+    return text
+
+
 def backbone_at_size(text: str) -> str:
     """``timm_name@size`` (e.g. ``vit_base_patch16_224.augreg_in21k_ft_in1k@224``)."""
     name, _, size = text.rpartition("@")
