@@ -133,9 +133,11 @@ def cache_line(cache_root: Path, options: Options) -> str:
     """The cache's place, size and free disk, for the banner."""
     if options.no_cache:
         return "off (--no-cache: the teacher runs in every trial)"
+    from fbft.cache_admin import info
+
     folder = cache_root / "features"
-    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
-    probe = folder if folder.exists() else cache_root if cache_root.exists() else Path.home()
+    size = info(folder)["bytes"] if folder.exists() else 0
+    probe = cache_root if cache_root.exists() else Path.home()
     free = shutil.disk_usage(probe).free
     limit = f", limit {options.cache_max_gb:g} GB" if options.cache_max_gb else ""
     return (

@@ -8,6 +8,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from ray import tune
 
@@ -24,6 +25,19 @@ def quiet_ray(verbose: bool) -> None:
     for name in ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module="ray")
+
+
+def work_weights(cells: list[dict[str, Any]], base: Any) -> list[float]:
+    """Expected work of each trial (training images × epochs + test images), for the ETA."""
+    numeric = [int(c["shots"]) for c in cells if str(c.get("shots")).isdigit()]
+    full = max(numeric, default=100) * 2
+    out = []
+    for cell in cells:
+        shots = cell.get("shots", "full")
+        images = int(shots) if str(shots).isdigit() else full
+        epochs = int(cell.get("changes", {}).get("epochs", base.epochs))
+        out.append(float(images * epochs + 50))
+    return out
 
 
 def duration(seconds: float) -> str:

@@ -31,7 +31,7 @@ class Collected:
     finished: int = 0
 
 
-def collect(grid: Any, variants: tuple[dict, ...], variant_axes: tuple[dict, ...]) -> Collected:
+def collect(grid: Any, variant_axes: tuple[dict, ...]) -> Collected:
     """Tune's results as table rows. A trial counts as finished only when it reported its
     metrics: Ray marks trials it never started TERMINATED when a study is interrupted."""
     from fbft.study.progress import describe
@@ -63,19 +63,6 @@ def collect(grid: Any, variants: tuple[dict, ...], variant_axes: tuple[dict, ...
                 row.update({k: v for k, v in metrics.items() if not _VARIANT.match(k)})
             row.update({k: metrics[k] for k in TOTALS if k in metrics and i == 0})
             out.rows.append(row)
-    return out
-
-
-def work_weights(cells: list[dict[str, Any]], base: Any) -> list[float]:
-    """Expected work of each trial (training images × epochs + test images), for the ETA."""
-    numeric = [int(c["shots"]) for c in cells if str(c.get("shots")).isdigit()]
-    full = max(numeric, default=100) * 2
-    out = []
-    for cell in cells:
-        shots = cell.get("shots", "full")
-        images = int(shots) if str(shots).isdigit() else full
-        epochs = int(cell.get("changes", {}).get("epochs", base.epochs))
-        out.append(float(images * epochs + 50))
     return out
 
 

@@ -38,7 +38,7 @@ def run(study: Study, options: Options) -> int:
 
     from fbft import tracking
     from fbft.features import default_cache_dir
-    from fbft.study.progress import Progress, quiet_ray
+    from fbft.study.progress import Progress, quiet_ray, work_weights
     from fbft.study.trial import Context, run_trial
 
     started = time.time()
@@ -110,7 +110,6 @@ def run(study: Study, options: Options) -> int:
     invocation = uuid.uuid4().hex[:12]
     context = Context(
         base_config=plan.base.to_dict(),
-        variants=plan.variants,
         variant_axes=plan.variant_axes,
         tracking_uri=uri,
         parent_run_id=state.parent_run_id,
@@ -128,7 +127,7 @@ def run(study: Study, options: Options) -> int:
     )
     path = f"{storage}/{name}"
     total = options.num_samples if study.search else len(plan.cells)
-    progress = Progress(total, report.work_weights(plan.cells, plan.base))
+    progress = Progress(total, work_weights(plan.cells, plan.base))
     if options.resume and tune.Tuner.can_restore(path):
         print(f"resuming {name}", flush=True)
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
@@ -142,7 +141,7 @@ def run(study: Study, options: Options) -> int:
     except KeyboardInterrupt:
         grid = None
     phases["time/trials_seconds"] = time.time() - mark
-    outcome = report.collect(grid, plan.variants, plan.variant_axes)
+    outcome = report.collect(grid, plan.variant_axes)
     if outcome.finished + len(outcome.failures) < total:
         print(
             f"\ninterrupted: {outcome.finished + len(outcome.failures)} of {total} trials "

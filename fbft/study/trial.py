@@ -35,7 +35,6 @@ class Context:
     """Everything a trial needs besides its own settings (the same for every trial)."""
 
     base_config: dict[str, Any]
-    variants: tuple[dict[str, Any], ...]
     variant_axes: tuple[dict[str, str], ...]
     tracking_uri: str
     parent_run_id: str
@@ -93,13 +92,13 @@ def run_trial(config: dict[str, Any], context: Context) -> None:
         return
     runs.reraise_known_failure()
     runs.start()
-    done, totals = 0, [{} for _ in context.variants]
+    done, totals = 0, [{} for _ in context.job.variants]
     try:
         for done, category in enumerate(cell.categories, start=1):
             outcome = _run_category(category, cell, context, runs)
-            means = _accumulate(totals, outcome, done)
+            means = _accumulate(totals, outcome)
             runs.log_step(means, done)
-            tune.report(_report(means, done, context))
+            tune.report(_report(means, done))
     except SystemExit:  # Tune ends the trial from tune.report: a scheduler stopped it
         runs.stopped(done, len(cell.categories))
         raise
@@ -133,14 +132,14 @@ def _run_category(category: str, cell: Cell, context: Context, runs: _Runs) -> O
     return outcome
 
 
-def _accumulate(totals: list[dict], outcome: Outcome, done: int) -> list[dict[str, float]]:
+def _accumulate(totals: list[dict], outcome: Outcome) -> list[dict[str, float]]:
     for total, metrics in zip(totals, outcome.metrics, strict=True):
         for key, value in {**metrics, **outcome.counters}.items():
             total.setdefault(key, []).append(value)
     return [{k: float(np.mean(v)) for k, v in t.items()} for t in totals]
 
 
-def _report(means: list[dict[str, float]], done: int, context: Context) -> dict[str, float]:
+def _report(means: list[dict[str, float]], done: int) -> dict[str, float]:
     """Variant 0's metrics at the top level (a search optimises them), the others under
     ``v<i>/``; counters once (one fit serves every variant)."""
     out = {**means[0], "categories_done": done}
@@ -177,7 +176,7 @@ class _Runs:
         base = " · ".join([where, *(f"{k}={v}" for k, v in cell.axes.items())])
         for i, shown in enumerate(context.variant_axes):
             label = variant_label(shown)
-            key = trial_id if len(context.variants) == 1 else f"{trial_id}/{i}"
+            key = trial_id if len(context.job.variants) == 1 else f"{trial_id}/{i}"
             tags = {
                 **context.tags,
                 "method": cell.method,
@@ -200,7 +199,7 @@ class _Runs:
         ctx, cell = self.context, self.cell
         for i, run_id in enumerate(self.ids):
             self.client.update_run(run_id, status="RUNNING")
-            config = {**ctx.base_config, **cell.changes, **ctx.variants[i]}
+            config = {**ctx.base_config, **cell.changes, **ctx.job.variants[i]}
             params = {f"config.{k}": show(v) for k, v in config.items() if k != "progress"}
             params.update({"method": cell.method, "shots": cell.shots, "seed": cell.seed})
             params.update({**cell.axes, **ctx.variant_axes[i]})
@@ -220,7 +219,7 @@ class _Runs:
         from fbft import tracking
 
         means = [tracking.finished_metrics(self.client, r) for r in self.ids]
-        return _report(means, len(self.cell.categories), self.context)
+        return _report(means, len(self.cell.categories))
 
     def reraise_known_failure(self) -> None:
         """A deterministic failure in this invocation: fail again at once (Tune's retry)."""
