@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from common import machine, parser, save, table
 
-from fbft.maps import anomaly_map
+from fbft.core.maps import anomaly_map
 from fbft.metrics import MetricAccumulator
 
 

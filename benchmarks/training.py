@@ -14,7 +14,7 @@ import torch
 from common import machine, parser, save, sync, table
 
 from fbft import FBFT, FBFTConfig
-from fbft.students import Students, transfer_loss
+from fbft.core.students import Students, transfer_loss
 
 
 def per_epoch_teacher_fit(model: FBFT, images: torch.Tensor) -> float:

@@ -58,7 +58,7 @@ def main() -> int:
     args = p.parse_args()
     from mlflow.tracking import MlflowClient
 
-    from fbft import tracking
+    from fbft.study import tracking
 
     client = MlflowClient(args.tracking_uri)
     exp = client.get_experiment_by_name(args.experiment)

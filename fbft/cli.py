@@ -13,8 +13,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fbft import cache_admin, features, predict
+from fbft.cache import admin as cache_admin
+from fbft.cache import features
 from fbft.data import synthetic
+from fbft.serve import command as predict
 
 
 def main(argv: Sequence[str] | None = None) -> int:

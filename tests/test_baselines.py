@@ -12,8 +12,8 @@ import torch
 from tiny import textures, tiny_config, with_defect
 
 from fbft import FBFT
-from fbft.baselines import SPADE, PatchCore, PatchCoreConfig, SPADEConfig, greedy_coreset, knn
-from fbft.detector import Detector
+from fbft.detectors import SPADE, PatchCore, PatchCoreConfig, SPADEConfig, greedy_coreset, knn
+from fbft.detectors.base import Detector
 from fbft.metrics import evaluate
 
 
@@ -48,7 +48,7 @@ def test_knn_matches_brute_force_for_any_chunk(chunk: int, k: int) -> None:
 
 
 def test_knn_blocks_stay_within_the_chunk_budget(monkeypatch) -> None:
-    import fbft.baselines.neighbours as neighbours
+    import fbft.detectors.neighbours as neighbours
 
     seen: list[int] = []
     real = neighbours.squared_distances

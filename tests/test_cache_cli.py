@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fbft.cache_admin import info
+from fbft.cache.admin import info
+from fbft.cache.features import FeatureCache
 from fbft.cli import main
-from fbft.features import FeatureCache
 
 IDENTITY = {"backbone": "vit_cli", "weights": "w", "image_size": 28, "layers": [1, 2]}
 

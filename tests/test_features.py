@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fbft import features
-from fbft.cache_admin import info, prune
-from fbft.features import CacheReport, FeatureCache, teacher_tokens
+from fbft.cache import features
+from fbft.cache.admin import info, prune
+from fbft.cache.features import CacheReport, FeatureCache, teacher_tokens
 
 N, D = 6, 5
 IDENTITY = {"backbone": "vit_test", "weights": "w1", "image_size": 28, "layers": [1, 2]}

@@ -1,4 +1,4 @@
-"""Each fbft.maps function against a slow, obvious implementation."""
+"""Each fbft.core.maps function against a slow, obvious implementation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fbft import maps
+from fbft.core import maps
 
 
 def test_pad_to_square_centres_and_replicates_edges():

@@ -8,7 +8,7 @@ import torch
 from tiny import textures, tiny_config, with_defect
 
 from fbft import FBFT, FBFTConfig, preset
-from fbft.model import load_official
+from fbft.detectors.fbft import load_official
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from tiny import textures, tiny_config, with_defect
 from fbft import FBFT
 from fbft.cli import main
 from fbft.data.common import read_image
-from fbft.predict import output_names
+from fbft.serve.batch import output_names
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from tiny import TINY, textures, tiny_config, with_defect
 from fbft import FBFT
 from fbft.cli import main
 from fbft.data.common import read_image
-from fbft.serving import ModelReferenceError, load, load_detector, log_model
-from fbft.thresholds import Thresholds
+from fbft.serve.pyfunc import ModelReferenceError, load, load_detector, log_model
+from fbft.serve.thresholds import Thresholds
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,8 @@ def test_log_teacher_copies_a_file_teacher(store, tmp_path, monkeypatch):
 
 def test_importing_the_cli_and_serving_skips_mlflow_and_torch():
     code = (
-        "import sys, fbft.cli, fbft.serving; print('mlflow' in sys.modules, 'torch' in sys.modules)"
+        "import sys, fbft.cli, fbft.serve.pyfunc; "
+        "print('mlflow' in sys.modules, 'torch' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "False"]

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 from tiny import TINY
 
-from fbft import maps
-from fbft.teacher import (
+from fbft.core import maps
+from fbft.core.teacher import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Teacher,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fbft.thresholds import Thresholds, calibrate, decision_metrics, nominal_pixels
+from fbft.serve.thresholds import Thresholds, calibrate, decision_metrics, nominal_pixels
 
 
 def _oracle(values: np.ndarray, fpr: float) -> float:

@@ -14,7 +14,7 @@ import torch
 from tiny import textures, tiny_config
 
 from fbft import FBFT
-from fbft.tokens import TokenStore
+from fbft.core.tokens import TokenStore
 
 CPU = torch.device("cpu")
 

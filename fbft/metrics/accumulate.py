@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from fbft.maps import image_score
 from fbft.metrics import pro
 from fbft.metrics.keys import LIMITS, QUARTILE_LIMITS, metric_keys
 from fbft.metrics.quartiles import QUARTILES, cumulative_subsets, robustness, size_quartiles
+from fbft.metrics.score import image_score
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 

@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from fbft.config import FBFTConfig
+from fbft.core.config import FBFTConfig
 from fbft.study.options import Options
 from fbft.study.spec import Study
 
@@ -75,7 +75,7 @@ def resources(options: Options, cluster: dict[str, float], remote: bool) -> None
 
 def detector_inputs(study: Study, options: Options, base: FBFTConfig) -> int:
     """Backbone, sizes, layers and map settings of every trial; returns the backbone depth."""
-    from fbft.teacher import check_backbone, check_image_size, check_layers
+    from fbft.core.teacher import check_backbone, check_image_size, check_layers
 
     try:
         for axis in study.axes:
@@ -133,7 +133,7 @@ def cache_line(cache_root: Path, options: Options) -> str:
     """The cache's place, size and free disk, for the banner."""
     if options.no_cache:
         return "off (--no-cache: the teacher runs in every trial)"
-    from fbft.cache_admin import info
+    from fbft.cache.admin import info
 
     folder = cache_root / "features"
     size = info(folder)["bytes"] if folder.exists() else 0

@@ -77,9 +77,9 @@ def training_subset(job: Job, train: Any) -> tuple[Any, Any]:
 
 def run_job(job: Job, out: Path) -> Outcome:
     """Fit once, evaluate every variant; figures go to ``out/<variant index>/``."""
+    from fbft.cache.features import FeatureCache
     from fbft.data import open_dataset
-    from fbft.detector import build
-    from fbft.features import FeatureCache
+    from fbft.detectors.registry import build
 
     train_all = open_dataset(job.data, job.category, "train", job.format)
     test = open_dataset(job.data, job.category, "test", job.format)
@@ -134,7 +134,7 @@ def run_job(job: Job, out: Path) -> Outcome:
         },
     )
     if thresholds is not None:
-        from fbft.thresholds import decision_metrics
+        from fbft.serve.thresholds import decision_metrics
 
         for m, scores in zip(outcome.metrics, evaluation.scores, strict=True):
             found = decision_metrics(scores, evaluation.labels, thresholds)
@@ -166,13 +166,13 @@ class _TokenSource:
     """Teacher tokens of samples (cache or teacher), with the running cache report."""
 
     def __init__(self, teacher: Any, cache: Any, batch: int) -> None:
-        from fbft.features import CacheReport
+        from fbft.cache.features import CacheReport
 
         self.teacher, self.cache, self.batch = teacher, cache, batch
         self.report = CacheReport()
 
     def of(self, samples: Sequence[Any]) -> list[tuple[Any, Any]]:
-        from fbft.features import teacher_tokens
+        from fbft.cache.features import teacher_tokens
 
         tokens, report = teacher_tokens(list(samples), self.teacher.encode, self.cache, self.batch)
         self.report = self.report + report
@@ -183,7 +183,7 @@ def _calibrate(detector: Any, calibration: Any, source: _TokenSource, job: Job) 
     """Image and pixel thresholds at the target FPR from nominal images not trained on."""
     if len(calibration) == 0:
         return None
-    from fbft.thresholds import calibrate
+    from fbft.serve.thresholds import calibrate
 
     scores, values = [], []
     sizes = calibration.sizes()

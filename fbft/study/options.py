@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fbft.config import PRESETS
+from fbft.core.config import PRESETS
 from fbft.metrics.keys import official_keys, score_keys
 from fbft.study.spec import Study, layer_pair
 

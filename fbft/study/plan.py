@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fbft.config import PRESETS, FBFTConfig
+from fbft.core.config import PRESETS, FBFTConfig
 from fbft.study import checks
 from fbft.study.checks import CheckError
 from fbft.study.options import Options
@@ -58,7 +58,7 @@ def make_plan(study: Study, options: Options, cache_root: Path) -> Plan:
 
 def with_cluster(study: Study, options: Options, plan: Plan, resources: dict, address: Any) -> Plan:
     """Preset by the cluster's GPUs, the base config with weights resolved, checked inputs."""
-    from fbft.teacher import resolve_weights
+    from fbft.core.teacher import resolve_weights
 
     checks.resources(options, resources, remote=bool(address))
     gpus = float(resources.get("GPU", 0))
@@ -162,7 +162,7 @@ def _ensure_synthetic(root: Path, cats: list[str]) -> None:
 
 def banner(study: Study, options: Options, plan: Plan, uri: str, cache_root: Path) -> str:
     """What this invocation will do, in a few lines a person reads before waiting."""
-    from fbft import tracking
+    from fbft.study import tracking
 
     base = plan.base
     weights = base.weights

@@ -124,7 +124,7 @@ def _varies(df: Any, key: str) -> bool:
 
 
 def _search_table(df: Any, options: Options, columns: dict[str, str]) -> str:
-    from fbft.config import FBFTConfig
+    from fbft.core.config import FBFTConfig
 
     ranked = df.sort_values(options.metric, ascending=False, na_position="last").head(10)
     params = [k for k in df.columns if k in FBFTConfig.__dataclass_fields__ and k != "seed"]
@@ -162,7 +162,8 @@ def summarise(
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from fbft import plots, tracking
+    from fbft import plots
+    from fbft.study import tracking
 
     text, means = table(study, options, found.rows)
     wall = time.time() - started

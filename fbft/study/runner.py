@@ -36,8 +36,8 @@ def run(study: Study, options: Options) -> int:
     import ray
     from ray import tune
 
-    from fbft import tracking
-    from fbft.features import default_cache_dir
+    from fbft.cache.features import default_cache_dir
+    from fbft.study import tracking
     from fbft.study.progress import Progress, quiet_ray, work_weights
     from fbft.study.trial import Context, run_trial
 

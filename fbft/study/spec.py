@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fbft.config import FBFTConfig
-from fbft.detector import INFERENCE_FIELDS
+from fbft.core.config import FBFTConfig
+from fbft.detectors.base import INFERENCE_FIELDS
 
 # Trial settings that are not FBFTConfig fields.
 TRIAL_KEYS = ("shots", "method")

@@ -167,7 +167,7 @@ class _Runs:
     which holds the fit, the counters and the model)."""
 
     def __init__(self, client: Any, context: Context, cell: Cell, trial_id: str) -> None:
-        from fbft import tracking
+        from fbft.study import tracking
 
         self.client, self.context, self.cell = client, context, cell
         self.ids: list[str] = []
@@ -194,7 +194,7 @@ class _Runs:
     def start(self) -> None:
         import ray
 
-        from fbft import tracking
+        from fbft.study import tracking
 
         ctx, cell = self.context, self.cell
         for i, run_id in enumerate(self.ids):
@@ -216,7 +216,7 @@ class _Runs:
             )
 
     def finished_metrics(self) -> dict[str, float]:
-        from fbft import tracking
+        from fbft.study import tracking
 
         means = [tracking.finished_metrics(self.client, r) for r in self.ids]
         return _report(means, len(self.cell.categories))
@@ -229,7 +229,7 @@ class _Runs:
             raise TrialError(tags[ERROR_TAG])
 
     def log_category(self, category: str, outcome: Outcome, tmp: Path, prefixed: bool) -> None:
-        from fbft import tracking
+        from fbft.study import tracking
 
         prefix = f"{category}/" if prefixed else ""
         for i, run_id in enumerate(self.ids):
@@ -255,7 +255,7 @@ class _Runs:
             return
         import mlflow
 
-        from fbft import serving
+        from fbft.serve import pyfunc as serving
 
         mlflow.set_tracking_uri(self.context.tracking_uri)
         with mlflow.start_run(run_id=self.ids[0]):
@@ -268,12 +268,12 @@ class _Runs:
         self.client.update_run(self.ids[0], status="RUNNING")
 
     def log_metrics(self, metrics: dict[str, float], prefix: str) -> None:
-        from fbft import tracking
+        from fbft.study import tracking
 
         tracking.log_metrics(self.client, self.ids[0], {prefix + k: v for k, v in metrics.items()})
 
     def log_step(self, means: list[dict[str, float]], done: int) -> None:
-        from fbft import tracking
+        from fbft.study import tracking
 
         if len(self.cell.categories) > 1:  # running means, one step per category
             for run_id, m in zip(self.ids, means, strict=True):
@@ -286,7 +286,7 @@ class _Runs:
             self.client.set_terminated(run_id, "FINISHED" if done == total else "KILLED")
 
     def failed(self, err: BaseException, deterministic: bool) -> None:
-        from fbft import tracking
+        from fbft.study import tracking
 
         text = "".join(traceback.format_exception(err))
         for run_id in self.ids:

@@ -23,7 +23,7 @@ Rules that make concurrent trials safe:
 - Corruption (truncated, emptied, flipped byte) is caught by the size check on every open and
   the checksum on first use per process; the entry is named in a warning, deleted, recomputed.
 LRU order is the sidecar's mtime, touched (``os.utime``) on every read. Inspecting and
-trimming a cache (``info``, ``prune``: ``fbft cache``) live in :mod:`fbft.cache_admin`.
+trimming a cache (``info``, ``prune``: ``fbft cache``) live in :mod:`fbft.cache.admin`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-CACHE_VERSION = 2
+from fbft.cache.admin import CACHE_VERSION, prune
+
 LOCK_STRIPES = 256
 CHECKSUM = "sha256"
 DTYPES = ("float32", "float16")
@@ -211,8 +212,6 @@ class FeatureCache:
         """Evict least-recently-used idle entries (whole root) beyond ``max_gb``; count."""
         if self.max_gb is None:
             return 0
-        from fbft.cache_admin import prune
-
         return prune(self.root, max_gb=self.max_gb).removed
 
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-TOP_FRACTION = 0.001
+from fbft.metrics.score import TOP_FRACTION, image_score  # noqa: F401 - the maps' score
+
 # The official approximate Gaussian blur: (box side, passes), applied in this order.
 OFFICIAL_BLUR = ((5, 5), (7, 3))
 
@@ -100,19 +101,6 @@ def _axis_operator(grid: int, side: int, blur_mode: str) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def _operator_on(grid: int, side: int, blur_mode: str, device: str) -> torch.Tensor:
     return _axis_operator(grid, side, blur_mode).to(device=device, dtype=torch.float32)
-
-
-def image_score(anomaly_map: torch.Tensor | np.ndarray) -> float:
-    """Mean of the top max(1, int(0.001·H·W)) values of a map (accumulated in float64)."""
-    if isinstance(anomaly_map, torch.Tensor) and anomaly_map.device.type == "cpu":
-        anomaly_map = anomaly_map.numpy()
-    if isinstance(anomaly_map, torch.Tensor):
-        values = anomaly_map.reshape(-1)
-        k = max(1, int(TOP_FRACTION * values.numel()))
-        return float(torch.topk(values, k).values.double().mean())
-    values = np.asarray(anomaly_map).reshape(-1)
-    k = max(1, int(TOP_FRACTION * values.size))
-    return float(np.partition(values, values.size - k)[values.size - k :].mean(dtype=np.float64))
 
 
 def anomaly_map(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,10 @@ import timm.data
 import torch
 from torch import nn
 
-from fbft import maps
-from fbft.weights import (  # noqa: F401 - re-exported for the study driver
+from fbft.core import maps
+from fbft.core.config import FBFTConfig
+from fbft.core.device import chunks, flushed_denormals, sync
+from fbft.core.weights import (  # noqa: F401 - re-exported for the study driver
     TeacherWeightsError,
     cached_hub_file,
     file_sha256,
@@ -171,14 +172,14 @@ class Teacher(nn.Module):
                 f"on {device}. Use precision='fp32'."
             )
         autocast = torch.autocast(device.type, AUTOCAST[self.precision], self.precision != "fp32")
-        for batch in _chunks(images, batch_size):
+        for batch in chunks(images, batch_size):
             arrays = [maps.as_rgb(img, f"image {i}") for i, img in batch]
             x = torch.stack([self.preprocess(a) for a in arrays]).to(device)
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             with flushed_denormals(), autocast:
                 f_j, f_k = self(x)
-            _sync(device)
+            sync(device)
             yield [a.shape[:2] for a in arrays], f_j, f_k, time.perf_counter() - start
 
     def encode(
@@ -203,44 +204,21 @@ class Teacher(nn.Module):
         }
 
 
+def make_teacher(config: FBFTConfig) -> Teacher:
+    """The teacher a config describes (on the CPU)."""
+    return Teacher(
+        config.backbone,
+        config.layers,
+        config.image_size,
+        weights=config.weights,
+        backbone_kwargs=config.backbone_kwargs,
+        seed=config.teacher_seed,
+        precision=config.precision,
+        normalize=config.normalize,
+    )
+
+
 TeacherBatch = tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor, float]
-
-
-@contextmanager
-def flushed_denormals() -> Iterator[None]:
-    """Denormal floats flushed to zero on the CPU within the block.
-
-    Near-zero gradients and the tiny residuals of a random-init teacher (LayerScale 1e-5) produce
-    denormal numbers that make CPU arithmetic 10-30x slower; values below 1.2e-38 become 0.
-    """
-    _FLUSH_DEPTH[0] += 1
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        _FLUSH_DEPTH[0] -= 1
-        if _FLUSH_DEPTH[0] == 0:
-            torch.set_flush_denormal(False)
-
-
-_FLUSH_DEPTH = [0]  # nesting depth of flushed_denormals blocks (the flag is process-wide)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[tuple[int, Any]]]:
-    """Consecutive lists of up to ``size`` (index, item) pairs."""
-    batch: list[tuple[int, Any]] = []
-    for i, item in enumerate(items):
-        batch.append((i, item))
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _create(

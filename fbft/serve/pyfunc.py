@@ -7,7 +7,7 @@ its seed; a file teacher is read from its recorded path, checked by SHA-256 at l
 Requirements are pinned to this environment and the fbft code travels with the model
 (``code_paths``), so loading installs nothing and works offline.
 
-mlflow and torch are imported on first use: ``import fbft.serving`` is cheap.
+mlflow and torch are imported on first use: ``import fbft.serve.pyfunc`` is cheap.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fbft.thresholds import Thresholds
+from fbft.serve.thresholds import Thresholds
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from fbft.model import FBFT
+    from fbft.detectors.fbft import FBFT
 
 DETECTOR, THRESHOLDS, TEACHER = "detector", "thresholds", "teacher_weights"
 REQUIREMENTS = ("mlflow", "torch", "timm", "numpy", "pandas", "pillow", "scipy", "tqdm")
@@ -59,7 +59,7 @@ def _python_model_class() -> type:
 
 
 def __getattr__(name: str) -> Any:
-    # cloudpickle stores FBFTPyfunc by reference (fbft.serving.FBFTPyfunc); resolve it lazily.
+    # cloudpickle stores FBFTPyfunc by reference (fbft.serve.pyfunc.FBFTPyfunc); resolve it lazily.
     if name == "FBFTPyfunc":
         return _python_model_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -71,7 +71,7 @@ def score_frame(
     """Scores of the images named in ``frame["path"]`` (maps are computed and dropped)."""
     import pandas as pd
 
-    from fbft.predict import iter_batches
+    from fbft.serve.batch import iter_batches
 
     if "path" not in getattr(frame, "columns", ()):
         raise ValueError("the model input needs a 'path' column of image file paths")
@@ -224,7 +224,7 @@ def _artifacts_of(folder: Path) -> dict[str, str]:
 def _load_artifacts(
     artifacts: dict[str, str], device: str | None
 ) -> tuple[FBFT, Thresholds | None]:
-    from fbft.model import FBFT
+    from fbft.detectors.fbft import FBFT
 
     try:
         detector = FBFT.load(artifacts[DETECTOR], device=device, weights=artifacts.get(TEACHER))

@@ -1,6 +1,6 @@
 """PatchCore (Roth et al., CVPR 2022) on FBFT's teacher tokens, for the paper's Table 6.
 
-Memory bank = every nominal patch feature (see :mod:`fbft.baselines.common`), subsampled by
+Memory bank = every nominal patch feature (see :mod:`fbft.detectors.bank`), subsampled by
 greedy k-center (the approximate variant of the paper: selection on a seeded Gaussian random
 projection to ``projection_dim`` dims, exact when ``projection_dim`` is None or ≥ the feature
 width; no selection at ``coreset_ratio=1``). Patch score = euclidean distance to the nearest
@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fbft.baselines.common import BankConfig, BankDetector
-from fbft.baselines.neighbours import greedy_coreset, knn, random_projection
-from fbft.detector import TokenPair
+from fbft.detectors.bank import BankConfig, BankDetector
+from fbft.detectors.base import TokenPair
+from fbft.detectors.neighbours import greedy_coreset, knn, random_projection
+from fbft.detectors.registry import register_detector
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,10 @@ class PatchCoreConfig(BankConfig):
             raise ValueError(f"neighbours must be ≥ 1, got {self.neighbours}")
 
 
+@register_detector("patchcore")
 class PatchCore(BankDetector):
     """PatchCore on teacher tokens: ``PatchCore(PatchCoreConfig()).fit_tokens(train_tokens)``."""
 
-    method = "patchcore"
     config_class = PatchCoreConfig
     config: PatchCoreConfig
 

@@ -16,9 +16,10 @@ from typing import Literal
 
 import torch
 
-from fbft.baselines.common import BankConfig, BankDetector, _choice
-from fbft.baselines.neighbours import knn
-from fbft.detector import TokenPair
+from fbft.detectors.bank import BankConfig, BankDetector, _choice
+from fbft.detectors.base import TokenPair
+from fbft.detectors.neighbours import knn
+from fbft.detectors.registry import register_detector
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,10 @@ class SPADEConfig(BankConfig):
             raise ValueError(f"image_k and patch_k must be ≥ 1; got {self.image_k}, {self.patch_k}")
 
 
+@register_detector("spade")
 class SPADE(BankDetector):
     """SPADE on teacher tokens: ``SPADE(SPADEConfig()).fit_tokens(train_tokens)``."""
 
-    method = "spade"
     config_class = SPADEConfig
     config: SPADEConfig
 

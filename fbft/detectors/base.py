@@ -94,25 +94,3 @@ def load_state(path: str | os.PathLike[str], what: str, version: int) -> dict[st
             f"(this fbft reads version {version})"
         )
     return state
-
-
-def build(method: str, config: Mapping[str, Any]) -> tuple[Detector, Any]:
-    """A detector of ``method`` ("fbft", "patchcore", "spade") and its teacher, from the
-    FBFTConfig fields in ``config`` (the baselines read the same teacher tokens and share the
-    map settings: blur, seed, device)."""
-    from fbft.config import FBFTConfig
-    from fbft.model import FBFT, make_teacher, resolve_device
-
-    cfg = FBFTConfig.from_dict(dict(config))
-    teacher = make_teacher(cfg).to(resolve_device(cfg.device))
-    if method == "fbft":
-        return FBFT(cfg, teacher=teacher), teacher
-    from fbft import baselines
-
-    if method == "patchcore":
-        settings = baselines.PatchCoreConfig(blur=cfg.blur, device=cfg.device, seed=cfg.seed)
-        return baselines.PatchCore(settings, teacher=teacher.describe()), teacher
-    if method == "spade":
-        settings = baselines.SPADEConfig(blur=cfg.blur, device=cfg.device)
-        return baselines.SPADE(settings, teacher=teacher.describe()), teacher
-    raise ValueError(f"unknown method {method!r}; choose fbft, patchcore or spade")

@@ -1,7 +1,7 @@
 """FBFT: fit the two students on a frozen teacher's tokens, predict full-resolution anomaly maps.
 
 The teacher runs once per image: ``fit`` streams every training image's tokens into a bounded
-:class:`~fbft.tokens.TokenStore`, then trains both students jointly on it for all epochs.
+:class:`~fbft.core.tokens.TokenStore`, then trains both students jointly on it for all epochs.
 Prediction streams in batches; the students run once per batch whatever the number of
 inference-side variants (fusion, distance, blur) asked for.
 """
@@ -13,15 +13,19 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fbft import maps
-from fbft.config import FBFTConfig
-from fbft.detector import (
+from fbft.core import maps
+from fbft.core.config import FBFTConfig
+from fbft.core.device import chunks, flushed_denormals, resolve_device, sync
+from fbft.core.students import Students, load_official_students, transfer_loss
+from fbft.core.teacher import Teacher, TeacherBatch, make_teacher
+from fbft.core.tokens import Tier, TokenStore, release_free_memory
+from fbft.detectors.base import (
     INFERENCE_FIELDS,
     Prediction,
     TokenPair,
@@ -29,9 +33,7 @@ from fbft.detector import (
     load_state,
     save_state,
 )
-from fbft.students import Students, load_official_students, transfer_loss
-from fbft.teacher import Teacher, TeacherBatch, _chunks, _sync, flushed_denormals
-from fbft.tokens import Tier, TokenStore, release_free_memory
+from fbft.detectors.registry import register_detector
 
 FORMAT_VERSION = 1
 Tokens = tuple[torch.Tensor, torch.Tensor]
@@ -39,30 +41,7 @@ Tokens = tuple[torch.Tensor, torch.Tensor]
 TEACHER_FIELDS = ("backbone", "backbone_kwargs", "image_size", "layers", "precision", "normalize")
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when present, else CPU; anything else as given (checked)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but no CUDA device is available; use 'auto' or 'cpu'")
-    return dev
-
-
-def make_teacher(config: FBFTConfig) -> Teacher:
-    """The teacher a config describes (on the CPU)."""
-    return Teacher(
-        config.backbone,
-        config.layers,
-        config.image_size,
-        weights=config.weights,
-        backbone_kwargs=config.backbone_kwargs,
-        seed=config.teacher_seed,
-        precision=config.precision,
-        normalize=config.normalize,
-    )
-
-
+@register_detector("fbft")
 class FBFT:
     """Forward–Backward Feature Transfer anomaly detector.
 
@@ -71,8 +50,6 @@ class FBFT:
 
     A ``teacher`` built elsewhere may be shared (it must match the config's teacher settings).
     """
-
-    method: ClassVar[str] = "fbft"
 
     def __init__(self, config: FBFTConfig | None = None, teacher: Teacher | None = None) -> None:
         self.config = config or FBFTConfig()
@@ -88,6 +65,11 @@ class FBFT:
         self.students: Students | None = None
         self.history: list[float] = []
         self.token_tier: Tier | None = None
+
+    @classmethod
+    def from_fbft_config(cls, config: FBFTConfig, teacher: Teacher) -> FBFT:
+        """The detector a study trial builds from its config and shared teacher."""
+        return cls(config, teacher=teacher)
 
     @property
     def teacher_weights(self) -> str:
@@ -165,7 +147,7 @@ class FBFT:
                 epochs.set_postfix(loss=f"{self.history[-1]:.4f}")
         self.students = students.eval()
         self.token_tier = store.tier
-        _sync(self.device)
+        sync(self.device)
         return self
 
     # ------------------------------------------------------------------ predict
@@ -200,7 +182,7 @@ class FBFT:
     def _token_batches(
         self, tokens: Sequence[TokenPair], sizes: Sequence[tuple[int, int]]
     ) -> Iterator[TeacherBatch]:
-        for chunk in _chunks(range(len(tokens)), self.config.batch_size):
+        for chunk in chunks(range(len(tokens)), self.config.batch_size):
             pairs = [tokens[i] for _, i in chunk]
             for f_j, f_k in pairs:
                 _check_pair(f_j, f_k, self.teacher.embed_dim)
@@ -229,7 +211,7 @@ class FBFT:
                     d: (maps.discrepancy(pred_j, f_j, d), maps.discrepancy(pred_k, f_k, d))
                     for d in dict.fromkeys(s["distance"] for s in settings)
                 }
-                _sync(self.device)
+                sync(self.device)
                 students_s = time.perf_counter() - start
                 for setting, pred in zip(settings, out, strict=True):
                     start = time.perf_counter()
@@ -238,7 +220,7 @@ class FBFT:
                         full = maps.anomaly_map(patch_map, int(h), int(w), setting["blur"])
                         pred.scores.append(maps.image_score(full))
                         pred.maps.append(full.cpu().numpy())
-                    _sync(self.device)
+                    sync(self.device)
                     pred.seconds["maps"] += time.perf_counter() - start
                     pred.seconds["teacher"] += teacher_s
                     pred.seconds["students"] += students_s
@@ -355,5 +337,5 @@ def _check_teacher(teacher: Teacher, config: FBFTConfig) -> None:
     if wrong:
         raise ValueError(
             "the shared teacher does not match the config (" + "; ".join(wrong) + "); build the "
-            "teacher from this config (fbft.model.make_teacher) or change the config"
+            "teacher from this config (fbft.detectors.fbft.make_teacher) or change the config"
         )

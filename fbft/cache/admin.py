@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fbft.features import CACHE_VERSION
+# Layout version of the cache folder: entries of other versions are never read (prune removes
+# them). Bump it when the entry format changes.
+CACHE_VERSION = 2
 
 
 @dataclass

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fbft import maps
-from fbft.baselines.neighbours import DEFAULT_CHUNK
-from fbft.detector import Prediction, TokenPair, Variant, load_state, save_state
-from fbft.model import resolve_device
+from fbft.core import maps
+from fbft.core.device import resolve_device, sync
+from fbft.detectors.base import Prediction, TokenPair, Variant, load_state, save_state
+from fbft.detectors.neighbours import DEFAULT_CHUNK
 
 FORMAT_VERSION = 1
 Blocks = Literal["both", "j", "k"]
@@ -124,6 +124,15 @@ class BankDetector:
         self.device = resolve_device(self.config.device)
         self.teacher = dict(teacher) if teacher is not None else None
         self.grid: int | None = None
+
+    @classmethod
+    def from_fbft_config(cls, config: Any, teacher: Any) -> Self:
+        """The detector a study trial builds: the FBFT config's map settings (blur, device,
+        seed where the method draws) on the shared teacher's tokens."""
+        names = {f.name for f in dataclasses.fields(cls.config_class)}
+        given = {"blur": config.blur, "device": config.device, "seed": config.seed}
+        settings = cls.config_class(**{k: v for k, v in given.items() if k in names})
+        return cls(settings, teacher=teacher.describe())
 
     # --------------------------------------------------------------- subclasses
     def _fit(self, tokens: Sequence[TokenPair]) -> None:
@@ -239,5 +248,4 @@ class BankDetector:
         return model
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)

@@ -1,4 +1,4 @@
-"""`fbft predict`: score images or folders with a saved detector, one map per image.
+"""Batch scoring of image files with a saved detector: the body of `fbft predict`.
 
 Writes ``OUT/scores.csv`` (path, score and, when a threshold is known, decision = score >
 threshold), ``OUT/maps/<name>.npy`` (or ``.tiff``: the float32 map at the image's own H×W),
@@ -10,11 +10,9 @@ than one batch of maps.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,8 +23,8 @@ from PIL import Image
 from fbft.data.common import IMAGE_EXTENSIONS, DatasetError, image_size, read_image
 
 if TYPE_CHECKING:
-    from fbft.model import FBFT
-    from fbft.thresholds import Thresholds
+    from fbft.detectors.fbft import FBFT
+    from fbft.serve.thresholds import Thresholds
 
 MAP_FORMATS = ("npy", "tiff")
 
@@ -168,76 +166,3 @@ def predict_images(
     }
     (out / "predict.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out / "scores.csv"
-
-
-def add_predict_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `fbft predict --model MODEL --out DIR IMAGE_OR_FOLDER...`."""
-    parser = subparsers.add_parser(
-        "predict",
-        help="anomaly scores and maps for images or folders with a saved detector",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="images or folders")
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="saved FBFT file, MLflow model folder, or MLflow URI (runs:/ID/model, models:/NAME/V)",
-    )
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="image threshold (score > X is anomalous); default: the model's thresholds.json",
-    )
-    parser.add_argument("--format", choices=MAP_FORMATS, default="npy", help="map file format")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (16)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto)")
-    parser.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI for runs:/ and models:/ (default: $MLFLOW_TRACKING_URI, else "
-        "sqlite:///mlflow.db when ./mlflow.db exists)",
-    )
-    parser.add_argument("--no-overlays", action="store_true", help="skip the .png overlays")
-    parser.set_defaults(func=_run)
-    return parser
-
-
-def default_tracking_uri() -> str | None:
-    """$MLFLOW_TRACKING_URI, else ./mlflow.db when it exists, else None (MLflow's default)."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return "sqlite:///mlflow.db" if Path("mlflow.db").is_file() else None
-
-
-def _run(args: argparse.Namespace) -> int:
-    from fbft.serving import ModelReferenceError, load
-
-    if args.batch_size < 1:
-        return _fail(f"--batch-size must be at least 1; got {args.batch_size}")
-    try:
-        paths = collect_images(args.inputs)
-        model, thresholds = load(
-            args.model, device=args.device, tracking_uri=args.tracking_uri or default_tracking_uri()
-        )
-        csv_path = predict_images(
-            model,
-            paths,
-            args.out,
-            thresholds,
-            args.threshold,
-            args.format,
-            args.batch_size,
-            overlays=not args.no_overlays,
-        )
-    except (PredictInputError, DatasetError, ModelReferenceError) as err:
-        return _fail(str(err))
-    print(f"scores of {len(paths)} image(s): {csv_path}")
-    return 0
-
-
-def _fail(message: str) -> int:
-    print(f"fbft predict: error: {message}", file=sys.stderr)
-    return 2
