@@ -193,15 +193,25 @@ def bar_labels(values: Sequence[float]) -> list[str]:
 
 
 def summary(
-    rows: Sequence[Mapping[str, float]], setting: str, metrics: Mapping[str, str], path: Path
+    rows: Sequence[Mapping[str, float]],
+    setting: str,
+    metrics: Mapping[str, str],
+    path: Path,
+    xlabel: str = "",
+    protocol: str = "",
 ) -> Path:
-    """Headline metrics (means over categories) against the study's varied setting."""
+    """Headline metrics (means over categories) against the study's varied setting, with the
+    std over seeds as error bars where a row has one (``<key>_std``)."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     labels = [str(r[setting]) for r in rows]
     for key, name in metrics.items():
-        ax.plot(labels, [r[key] for r in rows], marker="o", label=name)
-    ax.set(xlabel=setting, ylabel="mean over categories", ylim=(0, 1.02))
+        errors = [r.get(f"{key}_std", np.nan) for r in rows]
+        shown = None if all(not np.isfinite(e) for e in errors) else np.nan_to_num(errors)
+        ax.errorbar(labels, [r[key] for r in rows], yerr=shown, marker="o", capsize=3, label=name)
+    ax.set(xlabel=xlabel or setting, ylabel="mean over categories", ylim=(0, 1.02))
+    if protocol:
+        ax.set_title(f"{protocol} AUPRO protocol", fontsize=9)
     ax.legend()
     return save_figure(fig, path)
 

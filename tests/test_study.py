@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import shutil
 import socket
 from pathlib import Path
@@ -37,13 +39,14 @@ def workdir(tmp_path_factory):
 
 
 def run(workdir: Path, study: str, *flags: str, data: str = "data", experiment: str) -> int:
+    """Run a study in its own experiment, storage folder and cache (tests share nothing else)."""
     from fbft.study import main
 
     argv = [
         "--data", str(workdir / data),
         "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-        "--storage", str(workdir / "ray_results"),
-        "--cache-dir", str(workdir / "cache"),
+        "--storage", str(workdir / f"ray_results-{experiment}"),
+        "--cache-dir", str(workdir / f"cache-{experiment}"),
         "--experiment", experiment,
         *TINY, *flags,
     ]  # fmt: skip
@@ -59,10 +62,39 @@ def runs_of(workdir: Path, experiment: str):
     return client, parents, children
 
 
-def test_few_shot_study_logs_one_parent_and_a_child_per_trial(workdir, capsys):
+@pytest.fixture(scope="module")
+def few(workdir):
+    """A finished few-shot study (experiment "few"): its printed output. Tests read it and
+    work on copies; none changes what it left."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = run(workdir, "few_shot", "--shots", "2", "3", "--register", "few-models",
+                   experiment="few")  # fmt: skip
+    assert code == 0
+    return out.getvalue()
+
+
+def test_register_keeps_the_best_model_of_each_category_with_its_provenance(workdir, few):
+    client, parents, children = runs_of(workdir, "few")
+    versions = client.search_model_versions("name = 'few-models'")
+    by_category = {v.tags["category"]: v for v in versions}
+    assert sorted(by_category) == ["gravel", "parts"]  # one per category, not one per study
+    for category, version in by_category.items():
+        mine = [c for c in children if c.data.tags["category"] == category]
+        best = max(mine, key=lambda c: c.data.metrics["official_aupro_5"])
+        assert version.tags["run"] == best.info.run_id
+        assert (
+            version.tags["metric"] == "official_aupro_5" and version.tags["protocol"] == "official"
+        )
+        assert float(version.tags["value"]) == pytest.approx(best.data.metrics["official_aupro_5"])
+        assert version.tags["teacher_weights"] == "random" and "RANDOM-INIT" in version.description
+        assert version.tags["study"] == parents[0].info.run_name
+        assert f"models:/few-models/{version.version}" in few
+
+
+def test_few_shot_study_logs_one_parent_and_a_child_per_trial(workdir, few):
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
-    assert run(workdir, "few_shot", "--shots", "2", "3", experiment="few") == 0
-    out = capsys.readouterr().out
+    out = few
     assert "| shots | I-AUROC | AUPRO@30% | AUPRO@5% | Q1 AUPRO@5% | ρ@5% | trials |" in out
     assert "official AUPRO protocol (99 thresholds)" in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out and "preset      cpu" in out
@@ -92,7 +124,7 @@ def test_few_shot_study_logs_one_parent_and_a_child_per_trial(workdir, capsys):
         tags, params = child.data.tags, child.data.params
         assert tags["teacher_weights"] == "random" and tags["preset"] == "cpu"
         assert tags["category"] in ("gravel", "parts") and tags["method"] == "fbft"
-        assert tags["category"] in child.info.run_name and "shots=" in child.info.run_name
+        assert child.info.run_name == f"shots={child.data.params['shots']} · {tags['category']}"
         assert params["shots"] in ("2", "3") and params["config.layers"] == "2,4"
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"pro_curve.png", "quartiles.png", "maps"} <= names
@@ -102,13 +134,18 @@ def test_few_shot_study_logs_one_parent_and_a_child_per_trial(workdir, capsys):
         assert info.flavors["python_function"]
         history = client.get_metric_history(child.info.run_id, "train_loss")
         assert [m.step for m in history] == [1, 2]
-    summaries = list((workdir / "ray_results").glob("few-shot-*/summary/summary.md"))
+    summaries = list((workdir / "ray_results-few").glob("few-shot-*/summary/summary.md"))
     assert len(summaries) == 1 and "| shots |" in summaries[0].read_text()
+    import pandas as pd
+
+    trials = pd.read_csv(summaries[0].with_name("trials.csv"))
+    assert sorted(trials["run_id"]) == sorted(c.info.run_id for c in children)
+    assert not {"pid", "hostname", "node_ip", "trial_id", "config"} & set(trials.columns)
     # one teacher pass per distinct image: 5 train (training or calibration) + 6 test per category
     assert parent.data.metrics["teacher_passes"] == 2 * (5 + 6)
 
 
-def test_fbft_predict_on_a_trials_model_gives_the_saved_detectors_scores(workdir, tmp_path):
+def test_fbft_predict_on_a_trials_model_gives_the_saved_detectors_scores(workdir, few, tmp_path):
     import pandas as pd
 
     from fbft import FBFT
@@ -134,15 +171,14 @@ def test_fbft_predict_on_a_trials_model_gives_the_saved_detectors_scores(workdir
     assert all((out / "maps").glob("*.npy"))
 
 
-def test_a_second_identical_study_runs_no_teacher_pass_but_heals_a_corrupt_entry(workdir):
-    entry = sorted((workdir / "cache" / "features").rglob("*.npy"))[0]
+def test_a_second_identical_study_runs_no_teacher_pass_but_heals_a_corrupt_entry(workdir, few):
+    shutil.copytree(workdir / "cache-few", workdir / "cache-again")  # the first study's cache
+    entry = sorted((workdir / "cache-again" / "features").rglob("*.npy"))[0]
     entry.write_bytes(entry.read_bytes()[:100])  # truncated
-    assert run(workdir, "few_shot", "--shots", "2", "3", experiment="few") == 0
-    _, parents, children = runs_of(workdir, "few")
-    assert len(parents) == 2
-    newest = max(parents, key=lambda r: r.info.start_time)
-    mine = [c for c in children if c.data.tags["mlflow.parentRunId"] == newest.info.run_id]
-    assert len(mine) == 4 and newest.data.metrics["teacher_passes"] == 1  # the corrupt one
+    assert run(workdir, "few_shot", "--shots", "2", "3", experiment="again") == 0
+    _, parents, mine = runs_of(workdir, "again")
+    assert len(parents) == 1
+    assert len(mine) == 4 and parents[0].data.metrics["teacher_passes"] == 1  # the corrupt one
     assert all(c.data.metrics["cache/teacher_reused"] > 0 for c in mine)
 
 
@@ -208,8 +244,6 @@ def test_several_datasets_group_the_table(workdir, capsys):
                 "spade",
                 "--sizes",
                 "56",
-                "--cache-dir",
-                "{workdir}/cache-benchmark",
             ],
             3,
         ),
@@ -235,6 +269,7 @@ def test_every_study_runs_on_tiny_settings(workdir, study, flags, runs, capsys):
     if study == "benchmark":  # one teacher pass per distinct image serves every method
         assert {c.data.tags["method"] for c in children} == {"fbft", "patchcore", "spade"}
         assert parents[0].data.metrics["teacher_passes"] == 5 + 6
+        assert parents[0].data.metrics["student_fits"] == 1  # PatchCore and SPADE train none
 
 
 @pytest.mark.parametrize(
@@ -282,7 +317,7 @@ def test_a_typo_in_an_axis_name_fails_at_declaration():
 
 def test_resume_refuses_changed_options(workdir, capsys):
     assert run(workdir, "few_shot", "--shots", "2", "--categories", "gravel", experiment="re") == 0
-    name = next((workdir / "ray_results").glob("few-shot-*/fbft_study.json")).parent.name
+    name = next((workdir / "ray_results-re").glob("few-shot-*/fbft_study.json")).parent.name
     code = run(workdir, "few_shot", "--shots", "3", "--categories", "gravel",
                "--resume", name, experiment="re")  # fmt: skip
     assert code == 2
@@ -296,7 +331,7 @@ def test_without_data_the_synthetic_benchmark_is_made_for_the_asked_categories(w
     cache = workdir / "fresh-cache"
     argv = ["--categories", "parts", "--shots", "2", "--cache-dir", str(cache),
             "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--experiment", "synthetic",
-            "--storage", str(workdir / "ray_results"), *TINY]  # fmt: skip
+            "--storage", str(workdir / "ray_results-synthetic"), *TINY]  # fmt: skip
     assert main(load_study("few_shot"), argv) == 0
     assert "| shots |" in capsys.readouterr().out
     made = [p.name for p in (cache / "synthetic").glob("*/[!.]*") if p.is_dir()]

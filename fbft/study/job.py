@@ -21,26 +21,34 @@ CALIBRATION_IMAGES = 8  # unused nominal training images that calibrate the thre
 
 
 @dataclass(frozen=True)
+class JobSettings:
+    """What every job of a study shares: data format, draws, variants, cache, metrics, models."""
+
+    format: str = "auto"
+    nested: bool = False
+    variants: tuple[dict[str, Any], ...] = ({},)  # inference-side settings; ({},) = the config's
+    cache_dir: str | None = None
+    cache_dtype: str = "float32"
+    cache_max_gb: float | None = None
+    num_thresholds: int = 99
+    protocol: str = "official"  # the AUPRO protocol the figures show (tables: the same)
+    pictures: int = 4
+    target_fpr: float = 0.01
+    log_teacher: bool = False
+    teacher_per_epoch: bool = False
+
+
+@dataclass(frozen=True)
 class Job:
     """What to run for one category (plain values: it travels to a Ray worker)."""
 
     data: str
-    format: str
     category: str
     method: str
     config: dict[str, Any]  # FBFTConfig fields, weights resolved on the driver
     shots: int | str  # a number or "full"
     seed: int
-    nested: bool
-    variants: tuple[dict[str, Any], ...]  # inference-side settings; ({},) = the config's own
-    cache_dir: str | None
-    cache_dtype: str = "float32"
-    cache_max_gb: float | None = None
-    num_thresholds: int = 99
-    pictures: int = 4
-    target_fpr: float = 0.01
-    log_teacher: bool = False
-    teacher_per_epoch: bool = False
+    settings: JobSettings = JobSettings()
 
 
 @dataclass
@@ -65,7 +73,7 @@ def training_subset(job: Job, train: Any) -> tuple[Any, Any]:
     if job.shots == "full":
         return train, train.subset([])
     shots = int(job.shots)
-    if job.nested:
+    if job.settings.nested:
         chosen = few_shot(train, shots, job.seed)
     else:  # an independent draw per (shots, seed)
         seed = int(np.random.SeedSequence([job.seed, shots]).generate_state(1)[0])
@@ -81,17 +89,20 @@ def run_job(job: Job, out: Path) -> Outcome:
     from fbft.data import open_dataset
     from fbft.detectors.registry import build
 
-    train_all = open_dataset(job.data, job.category, "train", job.format)
-    test = open_dataset(job.data, job.category, "test", job.format)
+    train_all = open_dataset(job.data, job.category, "train", job.settings.format)
+    test = open_dataset(job.data, job.category, "test", job.settings.format)
     train, calibration = training_subset(job, train_all)
     detector, teacher = build(job.method, job.config)
     cache = None
-    if job.cache_dir:
+    if job.settings.cache_dir:
         cache = FeatureCache(
-            job.cache_dir, teacher.describe(), dtype=job.cache_dtype, max_gb=job.cache_max_gb
+            job.settings.cache_dir,
+            teacher.describe(),
+            dtype=job.settings.cache_dtype,
+            max_gb=job.settings.cache_max_gb,
         )
     source = _TokenSource(teacher, cache, int(job.config.get("batch_size", 4)))
-    if job.teacher_per_epoch and job.method == "fbft":  # the official loop, to time it
+    if job.settings.teacher_per_epoch and job.method == "fbft":  # the official loop, to time it
         start = time.perf_counter()
         detector.fit_per_epoch([s.image for s in train])
         fit_seconds = time.perf_counter() - start
@@ -118,7 +129,7 @@ def run_job(job: Job, out: Path) -> Outcome:
         "time/metrics_seconds": evaluation.metric_seconds,
         "cache/teacher_passes": float(report.passes),
         "cache/teacher_reused": float(report.reused),
-        "student_fits": 1.0,
+        "student_fits": float(getattr(detector, "students", None) is not None),  # baselines: 0
     }
     outcome = Outcome(
         metrics=evaluation.metrics,
@@ -192,7 +203,7 @@ def _calibrate(detector: Any, calibration: Any, source: _TokenSource, job: Job) 
         (pred,) = detector.predict_variants(tokens, sizes[start : start + len(chunk)], ({},))
         scores += pred.scores
         values += pred.maps
-    return calibrate(scores, values, job.target_fpr)
+    return calibrate(scores, values, job.settings.target_fpr)
 
 
 def _evaluate(detector: Any, test: Any, source: _TokenSource, job: Job) -> _Evaluation:
@@ -201,22 +212,26 @@ def _evaluate(detector: Any, test: Any, source: _TokenSource, job: Job) -> _Eval
 
     sizes = test.sizes()  # file headers only, read once
     pixels = sum(h * w for h, w in sizes)
-    accs = [MetricAccumulator(None, pixels=pixels) for _ in job.variants]
+    accs = [MetricAccumulator(None, pixels=pixels) for _ in job.settings.variants]
     anomalous = [i for i, s in enumerate(test) if s.label]
     nominal = [i for i, s in enumerate(test) if not s.label]
-    picked = set(_spread(anomalous, job.pictures - 1) + nominal[: min(1, job.pictures)])
+    picked = set(
+        _spread(anomalous, job.settings.pictures - 1) + nominal[: min(1, job.settings.pictures)]
+    )
     ev = _Evaluation(
         [],
-        [[] for _ in job.variants],
+        [[] for _ in job.settings.variants],
         [],
         {},
         [],
-        [[] for _ in job.variants],
-        [[] for _ in job.variants],
+        [[] for _ in job.settings.variants],
+        [[] for _ in job.settings.variants],
     )
     for start, chunk in _batches(test, source.batch):
         tokens = source.of(chunk)
-        preds = detector.predict_variants(tokens, sizes[start : start + len(chunk)], job.variants)
+        preds = detector.predict_variants(
+            tokens, sizes[start : start + len(chunk)], job.settings.variants
+        )
         masks = [s.mask for s in chunk]
         ev.labels += [int(s.label) for s in chunk]
         for v, pred in enumerate(preds):
@@ -233,8 +248,7 @@ def _evaluate(detector: Any, test: Any, source: _TokenSource, job: Job) -> _Eval
                     ev.shown[v].append((sample, amap, float(score)))
     start = time.perf_counter()
     for acc in accs:
-        official = acc.compute(job.num_thresholds)
-        exact = acc.compute(None)  # last, so acc.curves are the exact curves
+        official, exact = _both_protocols(acc, job.settings)
         metrics = dict(exact)
         metrics.update(
             {
@@ -247,6 +261,26 @@ def _evaluate(detector: Any, test: Any, source: _TokenSource, job: Job) -> _Eval
         ev.curves.append(acc.curves)
     ev.metric_seconds = time.perf_counter() - start  # the accumulators' updates are not in it
     return ev
+
+
+def _both_protocols(acc: Any, settings: JobSettings) -> tuple[dict, dict]:
+    """(official, exact) metrics; the figures' protocol is computed last, so ``acc.curves``
+    are the curves of the protocol the tables use."""
+    if settings.protocol == "official":
+        exact = acc.compute(None)
+        return acc.compute(settings.num_thresholds), exact
+    official = acc.compute(settings.num_thresholds)
+    return official, acc.compute(None)
+
+
+def in_protocol(metrics: Mapping[str, float], protocol: str) -> dict[str, float]:
+    """A trial's metrics with the AUPRO/ρ keys of ``protocol`` under their plain names."""
+    if protocol != "official":
+        return dict(metrics)
+    chosen = {
+        k[len(OFFICIAL_PREFIX) :]: v for k, v in metrics.items() if k.startswith(OFFICIAL_PREFIX)
+    }
+    return {**metrics, **chosen}
 
 
 def _figures(job: Job, ev: _Evaluation, out: Path) -> list[dict[str, Path]]:
@@ -266,10 +300,13 @@ def _figures(job: Job, ev: _Evaluation, out: Path) -> list[dict[str, Path]]:
             mine[f"maps/{name}"] = plots.overlay(
                 sample.image, sample.mask, amap, folder / name, title, vmin=vmin, vmax=vmax
             )
+        protocol = job.settings.protocol
+        shown = in_protocol(metrics, protocol)
+        title = f"{job.category} · {protocol} protocol"
         mine["pro_curve.png"] = plots.pro_curves(
-            ev.curves[v], folder / "pro_curve.png", title=job.category, metrics=metrics
+            ev.curves[v], folder / "pro_curve.png", title=title, metrics=shown
         )
-        mine["quartiles.png"] = plots.quartile_chart(metrics, folder / "quartiles.png")
+        mine["quartiles.png"] = plots.quartile_chart(shown, folder / "quartiles.png", title=title)
         files.append(mine)
     return files
 

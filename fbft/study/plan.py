@@ -9,12 +9,13 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fbft.core.config import PRESETS, FBFTConfig
 from fbft.study import checks
+from fbft.study.cells import Cell
 from fbft.study.checks import CheckError
 from fbft.study.options import Options
 from fbft.study.spec import Study, show
@@ -23,22 +24,30 @@ SYNTHETIC = {"image_size": 1024, "n_train": 60, "n_test": 24, "seed": 0}
 
 
 @dataclass(frozen=True)
-class Plan:
-    """What the checks decided: data, categories, the base detector config and the grid."""
+class DataPlan:
+    """The dataset roots and their categories (the synthetic benchmark made when no --data)."""
 
-    data: tuple[str, ...]
+    roots: tuple[str, ...]
     synthetic: bool
     categories: dict[str, list[str]]  # per dataset root
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the checks decided: data, preset, the base detector config and the grid."""
+
+    data: DataPlan
     preset: str
     preset_reason: str
     base: FBFTConfig
     depth: int
-    cells: list[dict[str, Any]]
+    cells: tuple[Cell, ...]
     variants: tuple[dict[str, Any], ...]
     variant_axes: tuple[dict[str, str], ...]
 
 
-def make_plan(study: Study, options: Options, cache_root: Path) -> Plan:
+def plan_data(study: Study, options: Options, cache_root: Path) -> DataPlan:
+    """The data roots and categories, checked (before Ray starts)."""
     roots, synthetic = _data_roots(options, cache_root)
     if study.search is not None and len(roots) > 1:
         raise CheckError("a search runs on one dataset: give one --data root")
@@ -52,11 +61,12 @@ def make_plan(study: Study, options: Options, cache_root: Path) -> Plan:
                 f"{', '.join(CATEGORIES)}"
             )
         _ensure_synthetic(Path(roots[0]), list(options.categories or CATEGORIES))
-    cats = checks.categories(roots, options)
-    return Plan(tuple(roots), synthetic, cats, "", "", FBFTConfig(), 0, [], ({},), ({},))
+    return DataPlan(tuple(roots), synthetic, checks.categories(roots, options))
 
 
-def with_cluster(study: Study, options: Options, plan: Plan, resources: dict, address: Any) -> Plan:
+def with_cluster(
+    study: Study, options: Options, data: DataPlan, resources: dict, address: Any
+) -> Plan:
     """Preset by the cluster's GPUs, the base config with weights resolved, checked inputs."""
     from fbft.core.teacher import resolve_weights
 
@@ -74,59 +84,55 @@ def with_cluster(study: Study, options: Options, plan: Plan, resources: dict, ad
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         raise CheckError(str(err)) from None
     depth = checks.detector_inputs(study, options, base)
-    for root, cats in plan.categories.items():
+    for root, cats in data.categories.items():
         checks.shots(options, root, cats)
-    cells = _cells(study, options, plan.categories)
     inference = study.inference_axes
     combos = list(itertools.product(*(options.axes[a.name] for a in inference))) or [()]
     variants = tuple({a.name: v for a, v in zip(inference, c, strict=True)} for c in combos)
-    shown = tuple({k: show(v) for k, v in v.items()} for v in variants)
     return Plan(
-        plan.data,
-        plan.synthetic,
-        plan.categories,
-        preset,
-        reason,
-        base,
-        depth,
-        cells,
-        variants,
-        shown,
+        data=data,
+        preset=preset,
+        preset_reason=reason,
+        base=base,
+        depth=depth,
+        cells=_cells(study, options, data.categories),
+        variants=variants,
+        variant_axes=tuple({k: show(v) for k, v in v.items()} for v in variants),
     )
 
 
-def _cells(study: Study, options: Options, cats: dict[str, list[str]]) -> list[dict[str, Any]]:
+def _cells(study: Study, options: Options, cats: dict[str, list[str]]) -> tuple[Cell, ...]:
     """The grid's trials: training axes × seeds × datasets × categories (search: one template).
     The category varies fastest, so trials that run together read different images: none
     waits for another's teacher pass of the same image."""
     axes = study.training_axes
     if study.search is not None:
         ((root, names),) = cats.items()
-        return [{"data": root, "categories": names, "seed": options.seeds[0], "method": "fbft",
-                 "shots": "full"}]  # fmt: skip
+        return (Cell(root, tuple(names), seed=options.seeds[0]),)
     cells = []
     for values in itertools.product(*(options.axes[a.name] for a in axes)):
         for seed in options.seeds:
             for root, names in cats.items():
                 for cat in names:
-                    cell = _cell(axes, values, seed, root, cat)
-                    if len(cats) > 1:
-                        cell["axes"] = {"dataset": Path(root).name, **cell["axes"]}
-                    cells.append(cell)
-    return [{**c, "index": i} for i, c in enumerate(cells)]
+                    shown = {"dataset": Path(root).name} if len(cats) > 1 else {}
+                    cell = _cell(axes, values, seed, root, cat, shown)
+                    cells.append(replace(cell, index=len(cells)))
+    return tuple(cells)
 
 
-def _cell(axes: Sequence[Any], values: Sequence[Any], seed: int, root: str, cat: str) -> dict:
-    cell: dict[str, Any] = {"data": root, "categories": [cat], "seed": seed, "method": "fbft",
-                            "shots": "full", "changes": {}, "axes": {}}  # fmt: skip
+def _cell(
+    axes: Sequence[Any], values: Sequence[Any], seed: int, root: str, cat: str, shown: dict
+) -> Cell:
+    fields: dict[str, Any] = {}
+    changes: dict[str, Any] = {}
     for axis, value in zip(axes, values, strict=True):
         if axis.name in ("shots", "method"):
-            cell[axis.name] = value
+            fields[axis.name] = value
         else:
-            cell["changes"].update(axis.config_changes(value))
-        cell["axes"][axis.name] = show(value)
-    cell["axes"]["seed"] = str(seed)
-    return cell
+            changes.update(axis.config_changes(value))
+        shown[axis.name] = show(value)
+    shown["seed"] = str(seed)
+    return Cell(root, (cat,), seed=seed, changes=changes, axes=shown, **fields)
 
 
 def _data_roots(options: Options, cache_root: Path) -> tuple[list[str], bool]:
@@ -165,23 +171,26 @@ def banner(study: Study, options: Options, plan: Plan, uri: str, cache_root: Pat
     from fbft.study import tracking
 
     base = plan.base
-    weights = base.weights
-    if weights.startswith("random"):
-        weights = (
-            "RANDOM-INIT teacher (no pretrained weights found: runs are tagged "
-            "teacher_weights=random; pass --weights FILE)"
-        )
+    weights = _weights_line(base.weights, options.weights)
+    sizes = options.axes.get("image_size") or [base.image_size]
+    teacher = f"{base.backbone} @ {'/'.join(str(s) for s in sizes)}px"
+    if "backbone" in options.axes:  # name@size values
+        teacher = " | ".join(show(v) for v in options.axes["backbone"])
+    overridden = {"backbone", "image_size"} & (set(options.config_changes()) | set(options.axes))
+    pairs = (("backbone", "backbone"), ("image_size", "resolution"))
+    smaller = [name for key, name in pairs if key not in overridden]
+    note = ""
+    if plan.preset == "cpu" and smaller:
+        note = f"  <- CPU preset: smaller {' and '.join(smaller)}"
     lines = [
         f"== {study.title} ==",
-        f"preset      {plan.preset} ({plan.preset_reason})"
-        + ("  <- CPU preset: smaller backbone and resolution" if plan.preset == "cpu" else ""),
-        f"teacher     {base.backbone} @ {base.image_size}px, blocks {base.layers[0]} and "
-        f"{base.layers[1]}, weights {weights}",
+        f"preset      {plan.preset} ({plan.preset_reason}){note}",
+        f"teacher     {teacher}, blocks {base.layers[0]} and {base.layers[1]}, weights {weights}",
         f"students    {base.epochs} epochs, lr {base.lr:g}, batch {base.batch_size} images, "
         f"loss {base.loss}",
         *(
-            f"data        {root}{' (synthetic)' if plan.synthetic else ''}: {', '.join(cats)}"
-            for root, cats in plan.categories.items()
+            f"data        {root}{' (synthetic)' if plan.data.synthetic else ''}: {', '.join(cats)}"
+            for root, cats in plan.data.categories.items()
         ),
         f"trials      {len(plan.cells) if not study.search else options.num_samples}"
         + (f", {len(plan.variants)} variants each from one fit" if len(plan.variants) > 1 else ""),
@@ -191,3 +200,15 @@ def banner(study: Study, options: Options, plan: Plan, uri: str, cache_root: Pat
         f"tracking    {tracking.redact(uri)}",
     ]
     return "\n".join(lines)
+
+
+def _weights_line(resolved: str, given: str | None) -> str:
+    """The teacher weights as the user gave them and as they were resolved."""
+    if resolved.startswith("random") and given == "random":
+        return "random-init (--weights random: runs are tagged teacher_weights=random)"
+    if resolved.startswith("random"):
+        return (
+            "RANDOM-INIT teacher (no pretrained weights found: runs are tagged "
+            "teacher_weights=random; pass --weights FILE)"
+        )
+    return resolved if given in (None, "auto", resolved) else f"{resolved} (--weights {given})"

@@ -12,6 +12,8 @@ from typing import Any
 
 from ray import tune
 
+from fbft.study.cells import Cell
+
 
 def quiet_ray(verbose: bool) -> None:
     """Ray's banners, Tune's boxes and loggers off unless ``--verbose`` (set before ray.init)."""
@@ -27,15 +29,14 @@ def quiet_ray(verbose: bool) -> None:
     warnings.filterwarnings("ignore", module="ray")
 
 
-def work_weights(cells: list[dict[str, Any]], base: Any) -> list[float]:
+def work_weights(cells: Sequence[Cell], base: Any) -> list[float]:
     """Expected work of each trial (training images × epochs + test images), for the ETA."""
-    numeric = [int(c["shots"]) for c in cells if str(c.get("shots")).isdigit()]
+    numeric = [int(c.shots) for c in cells if str(c.shots).isdigit()]
     full = max(numeric, default=100) * 2
     out = []
     for cell in cells:
-        shots = cell.get("shots", "full")
-        images = int(shots) if str(shots).isdigit() else full
-        epochs = int(cell.get("changes", {}).get("epochs", base.epochs))
+        images = int(cell.shots) if str(cell.shots).isdigit() else full
+        epochs = int(cell.changes.get("epochs", base.epochs))
         out.append(float(images * epochs + 50))
     return out
 
@@ -49,15 +50,7 @@ def duration(seconds: float) -> str:
 
 def describe(config: dict) -> str:
     """``gravel shots=5 seed=0`` from a trial's Tune config."""
-    cell = config.get("trial", {})
-    where = ",".join(cell.get("categories", []))
-    axes = dict(cell.get("axes", {}))
-    axes.update({k: v for k, v in config.items() if k != "trial"})
-    return " ".join([where, *(f"{k}={_short(v)}" for k, v in axes.items())])
-
-
-def _short(value: object) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    return Cell.of(config).label()
 
 
 class Progress(tune.Callback):
@@ -73,8 +66,7 @@ class Progress(tune.Callback):
         self.started: set[str] = set()
 
     def _weight(self, trial) -> float:
-        cell = trial.config.get("trial", {})
-        index = cell.get("index")
+        index = Cell.of(trial.config).index
         if index is not None and index < len(self.weights):
             return self.weights[index]
         return 1.0

@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 
 from fbft.metrics.keys import OFFICIAL_PREFIX
+from fbft.study.cells import Cell
 from fbft.study.options import Options
 from fbft.study.spec import Study
 
 TOTALS = ("cache/teacher_passes", "student_fits")
+RUN_KEY = "fbft.trial_id"  # a row's child-run key (the tag of the same name), until run ids
 _VARIANT = re.compile(r"v\d+/")
 
 
@@ -50,12 +52,15 @@ def collect(grid: Any, variant_axes: tuple[dict, ...]) -> Collected:
         if "categories_done" not in metrics:
             continue
         out.finished += 1
-        cell = config.get("trial", {})
-        setting = {**cell.get("axes", {}), **{k: v for k, v in config.items() if k != "trial"}}
+        cell = Cell.of(config)
+        setting = {**cell.axes, **cell.sampled}
         for i, shown in enumerate(variant_axes):
             prefix = f"v{i}/" if i else ""
-            row = {**setting, **shown, "method": cell.get("method", "fbft")}
-            row["categories"] = ",".join(cell.get("categories", []))
+            row = {**setting, **shown, "method": cell.method}
+            row["categories"] = ",".join(cell.categories)
+            row[RUN_KEY] = result.metrics.get("trial_id", "") + (
+                f"/{i}" if len(variant_axes) > 1 else ""
+            )
             if i:  # the fit's counters count once, on variant 0's row
                 found = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
                 row.update({k: v for k, v in found.items() if k not in TOTALS})
@@ -116,6 +121,8 @@ def table(study: Study, options: Options, rows: list[dict[str, Any]]) -> tuple[s
         + (f" ({options.num_thresholds} thresholds)" if prefix else "")
         + f"; means over categories{spread}; host {socket.gethostname()}"
     )
+    for col in columns:  # for the summary plot's error bars (NaN with one seed)
+        mean[f"{col}_std"] = std[col]
     return "\n".join(lines) + f"\n\n({note})", mean.reset_index() if keys else mean
 
 
@@ -141,10 +148,40 @@ def _param(value: Any) -> str:
 
 
 def _fmt(value: Any) -> str:
+    """Three decimals for scores, fewer digits for larger numbers (ms, seconds); the CSV keeps
+    every digit."""
     try:
-        return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
+        if value is None or not np.isfinite(value):
+            return "n/a"
     except TypeError:
         return str(value)
+    return (
+        f"{value:.3f}"
+        if abs(value) < 10
+        else f"{value:.1f}"
+        if abs(value) < 1000
+        else f"{value:.0f}"
+    )
+
+
+def trials_frame(client: Any, parent: str, rows: list[dict[str, Any]]) -> Any:
+    """trials.csv: one row per trial and variant with its MLflow run id, no Ray internals."""
+    import pandas as pd
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    from fbft.study import tracking
+
+    runs = client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent}'",
+        max_results=5000,
+    )
+    ids = {r.data.tags.get(tracking.TRIAL_TAG): r.info.run_id for r in runs}
+    frame = pd.DataFrame(rows)
+    if RUN_KEY in frame:
+        frame.insert(0, "run_id", [ids.get(k, "") for k in frame.pop(RUN_KEY)])
+    internal = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "categories_done"}
+    return frame.drop(columns=[c for c in frame if c in internal])
 
 
 def summarise(
@@ -159,7 +196,6 @@ def summarise(
     phases: dict[str, float] | None = None,
 ) -> int:
     """Print the table; write summary.md, trials.csv and summary.png; finish the parent run."""
-    import pandas as pd
     from mlflow.tracking import MlflowClient
 
     from fbft import plots
@@ -176,18 +212,21 @@ def summarise(
             out = Path(path) / "summary"
             out.mkdir(parents=True, exist_ok=True)
         (out / "summary.md").write_text(f"# {study.title}\n\n{text}\n")
-        pd.DataFrame(found.rows).to_csv(out / "trials.csv", index=False)
+        trials_frame(client, parent, found.rows).to_csv(out / "trials.csv", index=False)
         keys = [a.name for a in study.axes]
         if study.search is None and means is not None and len(means) > 1 and keys:
             rows = means.to_dict("records")
+            shown = [k for k in keys if k in means]
             for r in rows:
-                r["setting"] = " ".join(str(r[k]) for k in keys if k in r)
+                r["setting"] = " · ".join(str(r[k]) for k in shown)
             prefix = OFFICIAL_PREFIX if options.protocol == "official" else ""
             cols = {
                 (prefix + k if k.startswith(("aupro_", "rho_")) else k): v
                 for k, v in study.columns.items()
+                if k.startswith(("aupro_", "rho_", "i_auroc", "p_auroc"))
             }
-            plots.summary(rows, "setting", cols, out / "summary.png")
+            plots.summary(rows, "setting", cols, out / "summary.png", xlabel=" · ".join(shown),
+                          protocol=options.protocol)  # fmt: skip
         client.log_artifacts(parent, str(out))
     totals = {k: float(sum(r.get(k, 0.0) for r in found.rows)) for k in TOTALS}
     counts = {
@@ -202,7 +241,9 @@ def summarise(
         for r in means.to_dict("records"):
             label = "_".join(f"{k}_{r[k]}" for k in [a.name for a in study.axes] if k in r)
             label = re.sub(r"[^\w\-. ]", "-", label) or "all"
-            counts.update({f"{label}/{c}": r[c] for c in r if isinstance(r[c], float)})
+            counts.update(
+                {f"{label}/{c}": r[c] for c in r if isinstance(r[c], float) and np.isfinite(r[c])}
+            )
     tracking.log_metrics(client, parent, counts)
     tracking.set_tags(client, parent, {tracking.NOTE_TAG: f"# {study.title}\n\n{text}\n"})
     client.set_terminated(parent, "FAILED" if found.failures and not found.rows else "FINISHED")
@@ -232,25 +273,59 @@ def _duration(seconds: float) -> str:
 
 
 def _register(client: Any, options: Options, study: Study, *, state: Any, uri: str) -> None:
-    """Register the model of the best child run (by the table's AUPRO@5% or the search metric)."""
+    """Register, per dataset and category, the model of the child run with the best table
+    metric in that category (a search: the best trial over all categories), as versions of
+    ``--register NAME`` tagged with what a reader of the registry needs to trust them."""
     import mlflow
 
-    metric = (
-        options.metric
-        if study.search
-        else ((OFFICIAL_PREFIX if options.protocol == "official" else "") + "aupro_5")
-    )
-    runs = client.search_runs(
-        [client.get_run(state.parent_run_id).info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{state.parent_run_id}' "
-        "and tags.method = 'fbft'",
+    from fbft.study import tracking
+
+    prefix = OFFICIAL_PREFIX if options.protocol == "official" else ""
+    metric = options.metric if study.search else prefix + "aupro_5"
+    experiment = client.get_run(state.parent_run_id).info.experiment_id
+    children = client.search_runs(
+        [experiment],
+        filter_string=f"tags.`mlflow.parentRunId` = '{state.parent_run_id}'",
         order_by=[f"metrics.`{metric}` DESC"],
-        max_results=1,
+        max_results=5000,
     )
-    if not runs:
-        print("--register: no FBFT child run with a model to register")
+    with_model = {r.info.run_id for r in children if tracking.MODEL_TAG in r.data.tags}
+    best: dict[tuple[str, str], Any] = {}
+    for run in children:  # best first
+        tags = run.data.tags
+        if tags.get("fit_run", run.info.run_id) not in with_model or metric not in run.data.metrics:
+            continue
+        group = ("", "all") if study.search else (tags.get("dataset", ""), tags.get("category", ""))
+        best.setdefault(group, run)
+    if not best:
+        print("--register: no finished child run with a model to register")
         return
-    best = runs[0].data.tags.get("fit_run", runs[0].info.run_id)
     mlflow.set_tracking_uri(uri)
-    version = mlflow.register_model(f"runs:/{best}/model", options.register)
-    print(f"registered models:/{options.register}/{version.version} (run {best}, best {metric})")
+    print(f"registered under {options.register} (best {metric} per category):")
+    for (dataset, category), run in sorted(best.items()):
+        tags = run.data.tags
+        value = run.data.metrics[metric]
+        model_run = tags.get("fit_run", run.info.run_id)
+        teacher = tags.get("teacher_weights", "?")
+        version_tags = {
+            "dataset": dataset or "-",
+            "category": category,
+            "metric": metric,
+            "value": f"{value:.6g}",
+            "protocol": options.protocol,
+            "method": tags.get("method", "?"),
+            "teacher_weights": teacher,
+            "study": state.name,
+            "run": run.info.run_id,
+        }
+        version = mlflow.register_model(f"runs:/{model_run}/model", options.register,
+                                        tags=version_tags)  # fmt: skip
+        loud = " — RANDOM-INIT TEACHER: not a trained detector" if teacher == "random" else ""
+        description = (
+            f"{tags.get('method', '?')} detector for {category} ({dataset or 'data'}), best "
+            f"{metric} = {value:.4f} ({options.protocol} protocol) in study {state.name}; run "
+            f"{run.info.run_name}. Teacher weights: {teacher}{loud}."
+        )
+        client.update_model_version(options.register, version.version, description=description)
+        print(f"  models:/{options.register}/{version.version}  {category}: {metric} {value:.4f}"
+              f"{loud}")  # fmt: skip

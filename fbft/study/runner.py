@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from fbft.study import checks, report
+from fbft.study.cells import CELL_KEY, varying_axes
 from fbft.study.checks import CheckError
 from fbft.study.options import Options
-from fbft.study.plan import Plan, banner, make_plan, with_cluster
+from fbft.study.plan import Plan, banner, plan_data, with_cluster
 from fbft.study.spec import Study, show
 from fbft.study.state import StudyState, find_state, storage_path
 
@@ -55,7 +56,7 @@ def run(study: Study, options: Options) -> int:
     )
     state = find_state(study, options, storage)
     phases = {"time/prepare_seconds": time.time() - started}
-    plan = make_plan(study, options, cache_root)
+    data = plan_data(study, options, cache_root)
     phases["time/data_seconds"] = time.time() - started - phases["time/prepare_seconds"]
     mark = time.time()
     if not ray.is_initialized():
@@ -72,7 +73,7 @@ def run(study: Study, options: Options) -> int:
             ) from None
     phases["time/ray_start_seconds"] = time.time() - mark
     mark = time.time()
-    plan = with_cluster(study, options, plan, ray.cluster_resources(), options.address)
+    plan = with_cluster(study, options, data, ray.cluster_resources(), options.address)
     phases["time/checks_seconds"] = time.time() - mark
     experiment = options.experiment or f"fbft-{study.name}"
     if state is None:
@@ -83,11 +84,12 @@ def run(study: Study, options: Options) -> int:
             "preset": plan.preset,
             "preset_reason": plan.preset_reason,
             "study": study.name,
-            "fbft.data": ",".join(plan.data),
+            "fbft.data": ",".join(plan.data.roots),
             tracking.NOTE_TAG: f"{study.title} (running)",
         }
         params = {"command": shlex.join(["python", study.script, *argv])}
-        params.update({k: show(v) for k, v in options.comparable().items() if k != "axes"})
+        unused = {"axes"} | (set() if study.search else {"asha", "num_samples", "metric"})
+        params.update({k: show(v) for k, v in options.comparable().items() if k not in unused})
         params.update({k: show(v) for k, v in options.axes.items()})
         parent = tracking.start_parent_run(client, experiment, name, params, tags)
         state = StudyState(
@@ -115,9 +117,10 @@ def run(study: Study, options: Options) -> int:
         parent_run_id=state.parent_run_id,
         invocation=invocation,
         cpus_per_trial=options.cpus_per_trial,
-        job=_job(options, plan, cache_root),
+        settings=_job_settings(options, plan, cache_root),
         tags={"preset": plan.preset, "study": study.name},
         metric=options.metric if study.search else None,
+        varying=varying_axes(plan.cells),
     )
     gpus = float(ray.cluster_resources().get("GPU", 0))
     per_trial = options.gpus_per_trial if options.gpus_per_trial is not None else min(1.0, gpus)
@@ -177,11 +180,11 @@ def _tuner(
         from ray.tune.schedulers import ASHAScheduler
         from ray.tune.search.optuna import OptunaSearch
 
-        space = {**study.search.space(plan.depth), "trial": plan.cells[0]}
+        space = {**study.search.space(plan.depth), CELL_KEY: plan.cells[0]}
         scheduler = None
         if options.asha:
             scheduler = ASHAScheduler(
-                time_attr="categories_done", max_t=len(plan.cells[0]["categories"]), grace_period=1
+                time_attr="categories_done", max_t=len(plan.cells[0].categories), grace_period=1
             )
         tune_config = tune.TuneConfig(
             metric=options.metric,
@@ -192,28 +195,23 @@ def _tuner(
             max_concurrent_trials=options.max_concurrent,
         )
     else:
-        space = {"trial": tune.grid_search(plan.cells)}
+        space = {CELL_KEY: tune.grid_search(list(plan.cells))}
         tune_config = tune.TuneConfig(max_concurrent_trials=options.max_concurrent)
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
 
 
-def _job(options: Options, plan: Plan, cache_root: Path) -> Any:
-    from fbft.study.job import Job
+def _job_settings(options: Options, plan: Plan, cache_root: Path) -> Any:
+    from fbft.study.job import JobSettings
 
-    return Job(
-        data="",
+    return JobSettings(
         format=options.format,
-        category="",
-        method="fbft",
-        config={},
-        shots="full",
-        seed=0,
         nested=options.nested,
         variants=plan.variants,
         cache_dir=None if options.no_cache else str(cache_root / "features"),
         cache_dtype=options.cache_dtype,
         cache_max_gb=options.cache_max_gb,
         num_thresholds=options.num_thresholds,
+        protocol=options.protocol,
         pictures=options.pictures,
         target_fpr=options.target_fpr,
         log_teacher=options.log_teacher,

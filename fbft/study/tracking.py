@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 TRIAL_TAG = "fbft.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # a run's description on its Overview page
+MODEL_TAG = "fbft.model"  # runs:/<id>/model on a child run that logged its detector
 KIND_TAG = "mlflow.experimentKind"  # MLflow 3: open the experiment in its model-training view
 
 

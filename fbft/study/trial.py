@@ -12,15 +12,15 @@ import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fbft.study.job import Job, Outcome, run_job, variant_label
-from fbft.study.spec import layer_pair, show
+from fbft.study.cells import Cell
+from fbft.study.job import Job, JobSettings, Outcome, run_job, variant_label
+from fbft.study.spec import show
 
 ERROR_TAG = "error"
 INVOCATION_TAG = "fbft.invocation"
@@ -40,41 +40,10 @@ class Context:
     parent_run_id: str
     invocation: str
     cpus_per_trial: float
-    job: Job  # the settings every job shares (data, cache, metrics); per-trial fields replaced
+    settings: JobSettings  # what every job of the study shares (format, cache, metrics, ...)
     tags: dict[str, str]
     metric: str | None = None
-
-
-@dataclass(frozen=True)
-class Cell:
-    """A trial's own settings, from its Tune config."""
-
-    data: str
-    categories: tuple[str, ...]
-    method: str
-    shots: int | str
-    seed: int
-    axes: dict[str, str]
-    changes: dict[str, Any]
-
-    @classmethod
-    def of(cls, config: Mapping[str, Any]) -> Cell:
-        """Grid trials carry a ``trial`` dict; search trials add FBFTConfig fields beside it."""
-        cell = dict(config["trial"])
-        changes = {**cell.get("changes", {}), **{k: v for k, v in config.items() if k != "trial"}}
-        if isinstance(changes.get("layers"), str):
-            changes["layers"] = layer_pair(changes["layers"])
-        axes = dict(cell.get("axes", {}))
-        axes.update({k: show(v) for k, v in config.items() if k != "trial"})
-        return cls(
-            cell["data"],
-            tuple(cell["categories"]),
-            cell.get("method", "fbft"),
-            cell.get("shots", "full"),
-            int(cell.get("seed", 0)),
-            axes,
-            changes,
-        )
+    varying: tuple[str, ...] = ()  # axes with more than one value in the study (run names)
 
 
 def run_trial(config: dict[str, Any], context: Context) -> None:
@@ -92,7 +61,7 @@ def run_trial(config: dict[str, Any], context: Context) -> None:
         return
     runs.reraise_known_failure()
     runs.start()
-    done, totals = 0, [{} for _ in context.job.variants]
+    done, totals = 0, [{} for _ in context.settings.variants]
     try:
         for done, category in enumerate(cell.categories, start=1):
             outcome = _run_category(category, cell, context, runs)
@@ -112,15 +81,14 @@ def run_trial(config: dict[str, Any], context: Context) -> None:
 
 
 def _run_category(category: str, cell: Cell, context: Context, runs: _Runs) -> Outcome:
-    config = {**context.base_config, **cell.changes, "progress": False}
-    job = replace(
-        context.job,
+    job = Job(
         data=cell.data,
         category=category,
         method=cell.method,
-        config=config,
+        config={**cell.config(context.base_config), "progress": False},
         shots=cell.shots,
         seed=cell.seed,
+        settings=context.settings,
     )
     with tempfile.TemporaryDirectory(prefix=f"fbft-{category}-") as tmp:
         outcome = run_job(job, Path(tmp))
@@ -172,16 +140,20 @@ class _Runs:
         self.client, self.context, self.cell = client, context, cell
         self.ids: list[str] = []
         states = []
-        where = cell.categories[0] if len(cell.categories) == 1 else f"{len(cell.categories)} cats"
-        base = " · ".join([where, *(f"{k}={v}" for k, v in cell.axes.items())])
+        # the axes that vary first, the category last: names readable in a narrow runs table
+        varied = [
+            f"{k}={v}" for k, v in cell.axes.items() if k in context.varying or k in cell.sampled
+        ]
+        base = " · ".join([*varied, cell.where])
         for i, shown in enumerate(context.variant_axes):
             label = variant_label(shown)
-            key = trial_id if len(context.job.variants) == 1 else f"{trial_id}/{i}"
+            key = trial_id if len(context.settings.variants) == 1 else f"{trial_id}/{i}"
             tags = {
                 **context.tags,
                 "method": cell.method,
                 "categories": ",".join(cell.categories),
                 **({"category": cell.categories[0]} if len(cell.categories) == 1 else {}),
+                "dataset": Path(cell.data).name,
                 **({"variant": label} if label else {}),
             }
             run_id, finished = tracking.child_run(
@@ -199,7 +171,7 @@ class _Runs:
         ctx, cell = self.context, self.cell
         for i, run_id in enumerate(self.ids):
             self.client.update_run(run_id, status="RUNNING")
-            config = {**ctx.base_config, **cell.changes, **ctx.job.variants[i]}
+            config = {**cell.config(ctx.base_config), **ctx.settings.variants[i]}
             params = {f"config.{k}": show(v) for k, v in config.items() if k != "progress"}
             params.update({"method": cell.method, "shots": cell.shots, "seed": cell.seed})
             params.update({**cell.axes, **ctx.variant_axes[i]})
@@ -256,15 +228,17 @@ class _Runs:
         import mlflow
 
         from fbft.serve import pyfunc as serving
+        from fbft.study import tracking
 
         mlflow.set_tracking_uri(self.context.tracking_uri)
         with mlflow.start_run(run_id=self.ids[0]):
-            serving.log_model(
+            uri = serving.log_model(
                 saved,
                 thresholds=outcome.thresholds,
                 name="model",
-                log_teacher=self.context.job.log_teacher,
+                log_teacher=self.context.settings.log_teacher,
             )
+        self.client.set_tag(self.ids[0], tracking.MODEL_TAG, uri)
         self.client.update_run(self.ids[0], status="RUNNING")
 
     def log_metrics(self, metrics: dict[str, float], prefix: str) -> None:
