@@ -311,7 +311,7 @@ def _register(client: Any, options: Options, study: Study, *, state: Any, uri: s
             "dataset": dataset or "-",
             "category": category,
             "metric": metric,
-            "value": f"{value:.6g}",
+            "value": repr(value),
             "protocol": options.protocol,
             "method": tags.get("method", "?"),
             "teacher_weights": teacher,
