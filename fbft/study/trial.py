@@ -8,6 +8,7 @@ recomputing. Infrastructure errors (I/O, network) are retried by Tune.
 
 from __future__ import annotations
 
+import errno
 import socket
 import tempfile
 import time
@@ -153,6 +154,8 @@ def _infrastructure(err: BaseException) -> bool:
     from fbft.data import DatasetError
 
     if isinstance(err, DatasetError | FileNotFoundError | IsADirectoryError | PermissionError):
+        return False
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:  # a full disk stays full
         return False
     return isinstance(err, OSError | ConnectionError | TimeoutError)
 
