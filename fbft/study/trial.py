@@ -161,7 +161,9 @@ def _infrastructure(err: BaseException) -> bool:
 
 
 def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
+    from fbft.core.redact import redact
+
+    text = redact(str(err)).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"[:400]
 
 
@@ -291,7 +293,7 @@ class _Runs:
     def failed(self, err: BaseException, deterministic: bool) -> None:
         from fbft.study import tracking
 
-        text = "".join(traceback.format_exception(err))
+        text = tracking.redact("".join(traceback.format_exception(err)))
         for run_id in self.ids:
             tags = {ERROR_TAG: _one_line(err)}
             if deterministic:
