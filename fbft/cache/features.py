@@ -112,7 +112,7 @@ class FeatureCache:
                 probe = f".probe.{unique()}.tmp"  # a folder we may not write to is read-only
                 files.create_locked_temp(probe, fd).close()
                 os.unlink(probe, dir_fd=fd)
-                if not _exists("teacher.json", fd):
+                if not files.exists("teacher.json", fd):
                     files.write_new("teacher.json", (text + "\n").encode(), fd, unique())
         except OSError as error:
             if error.errno not in files.READ_ONLY_ERRNOS:
@@ -145,7 +145,8 @@ class FeatureCache:
                 with files.open_regular(f"{key}.npy", fd, npy) as f:
                     fcntl.flock(f, fcntl.LOCK_SH)
                     st = os.fstat(f.fileno())
-                    if _inode(f"{key}.npy", fd) == st.st_ino and _exists(f"{key}.json", fd):
+                    same = files.inode(f"{key}.npy", fd) == st.st_ino
+                    if same and files.exists(f"{key}.json", fd):
                         tokens = self._map(f, npy, meta, st)
                         return tokens[0], tokens[1], float(meta["teacher_ms"])
         except FileNotFoundError:
@@ -337,15 +338,3 @@ def _sidecar(name: str, fd: int, where: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or not meta.keys() >= _SIDECAR_KEYS:
         raise CorruptEntry(f"{where}: unreadable sidecar (lacks {sorted(_SIDECAR_KEYS)})")
     return meta
-
-
-def _inode(name: str, dir_fd: int) -> int:
-    return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino
-
-
-def _exists(name: str, dir_fd: int) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True

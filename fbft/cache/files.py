@@ -210,3 +210,16 @@ def walk(root: Path) -> Iterator[tuple[Path, os.DirEntry[str]]]:
             yield here, entry
             if entry.is_dir(follow_symlinks=False):
                 stack.append(Path(entry.path))
+
+
+def inode(name: str, dir_fd: int) -> int:
+    return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino
+
+
+def exists(name: str, dir_fd: int) -> bool:
+    """Whether ``name`` exists in ``dir_fd`` (a dangling link counts: it is not followed)."""
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
