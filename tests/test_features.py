@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import os
@@ -254,13 +255,15 @@ def test_reports_add_up() -> None:
     assert sum([a, b]) == a + b
 
 
-def test_prune_sweeps_temporary_files_of_crashed_writers(tmp_path: Path) -> None:
+def test_prune_sweeps_temporary_files_of_dead_writers_whatever_their_age(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path / "c", IDENTITY)
     folder = cache.dir / "entries" / "ab"
     folder.mkdir(parents=True)
-    stale, fresh = folder / ".abab.host-1-x.tmp.npy", folder / ".abab.host-2-y.tmp.npy"
-    for path in (stale, fresh):
+    dead, live = folder / ".abab.host-1-x.tmp.npy", folder / ".abab.host-2-y.tmp.npy"
+    for path in (dead, live):
         path.write_bytes(b"partial")
-    os.utime(stale, (time.time() - 2 * 86400,) * 2)
-    assert prune(tmp_path / "c").freed_bytes == 7
-    assert (stale.exists(), fresh.exists()) == (False, True)  # a fresh one may be being written
+    with live.open("rb") as writer:  # a writer holds a shared lock on its file while it writes
+        fcntl.flock(writer, fcntl.LOCK_SH)
+        assert prune(tmp_path / "c").freed_bytes == 7
+        assert (dead.exists(), live.exists()) == (False, True)
+    assert prune(tmp_path / "c", everything=True).freed_bytes == 7 and not live.exists()

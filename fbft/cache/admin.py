@@ -1,5 +1,9 @@
 """Inspecting and trimming the teacher-token cache (``fbft cache info|prune``): per-teacher
-entries and bytes, and least-recently-used eviction that skips entries a trial is reading."""
+entries and bytes, and least-recently-used eviction that skips entries a trial is reading.
+
+Nothing here follows a link: listing never descends through one, and a link, FIFO or other
+special file found where an entry or a temporary file belongs is deleted itself (its target is
+never touched)."""
 
 from __future__ import annotations
 
@@ -7,12 +11,14 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fbft.cache import files
 
 # Layout version of the cache folder: entries of other versions are never read (prune removes
 # them). Bump it when the entry format changes.
@@ -32,23 +38,34 @@ def _entries(root: Path, teacher: str | None = None) -> list[tuple[float, int, P
     for tdir, meta in _teachers(root):
         if meta.get("cache_version") != CACHE_VERSION or not _matches(tdir, meta, teacher):
             continue
-        for side in tdir.glob("entries/*/*.json"):
+        for folder, entry in files.walk(tdir / "entries"):
+            if not entry.name.endswith(".json") or entry.name.startswith("."):
+                continue
+            side = folder / entry.name
             npy = side.with_suffix(".npy")
             with contextlib.suppress(FileNotFoundError):
-                st = side.stat()
-                size = st.st_size + (npy.stat().st_size if npy.exists() else 0)
-                found.append((st.st_mtime, size, npy, side))
+                st = entry.stat(follow_symlinks=False)
+                data = npy.lstat().st_size if os.path.lexists(npy) else 0
+                found.append((st.st_mtime, st.st_size + data, npy, side))
     return found
 
 
 def _teachers(root: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """Teacher folders under ``root`` with their identity ({} when missing or unreadable)."""
+    """Teacher folders under ``root`` with their identity ({} when missing or unreadable); links
+    are not teacher folders (prune deletes them)."""
     out = []
-    for tdir in sorted(p for p in Path(root).glob("*") if p.is_dir()):
-        try:
-            out.append((tdir, json.loads((tdir / "teacher.json").read_bytes())))
-        except (OSError, ValueError):
-            out.append((tdir, {}))
+    with contextlib.suppress(FileNotFoundError):
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+            if entry.is_dir(follow_symlinks=False):
+                tdir, name = Path(entry.path), "teacher.json"
+                try:
+                    with (
+                        files.folder(root, [entry.name]) as fd,
+                        files.open_regular(name, fd, tdir / name) as f,
+                    ):
+                        out.append((tdir, json.loads(f.read())))
+                except (OSError, ValueError):
+                    out.append((tdir, {}))
     return out
 
 
@@ -70,12 +87,13 @@ def prune(
     for tdir, meta in _teachers(root):
         if meta.get("cache_version") != CACHE_VERSION and _matches(tdir, meta, teacher):
             result.freed_bytes += _tree_bytes(tdir)
-            shutil.rmtree(tdir, ignore_errors=True)
-    for tmp in root.glob("*/entries/*/.*.tmp*"):  # left by writers that crashed a day ago
-        with contextlib.suppress(OSError):
-            if tmp.stat().st_mtime < time.time() - 86400:
-                result.freed_bytes += tmp.stat().st_size
-                tmp.unlink()
+            with contextlib.suppress(OSError), files.folder(root, []) as fd:
+                files.remove(tdir.name, fd)
+    for tdir, _ in _teachers(root):
+        result.freed_bytes += _sweep(tdir / "entries")
+    with contextlib.suppress(FileNotFoundError):
+        for link in (e for e in os.scandir(root) if e.is_symlink()):
+            os.unlink(link.path)
     entries = sorted(_entries(root, teacher))  # oldest use first
     total = sum(e[1] for e in _entries(root))
     cutoff = time.time() - 86400 * older_than_days if older_than_days is not None else None
@@ -91,17 +109,46 @@ def prune(
     return result
 
 
-def _evict(npy: Path, side: Path) -> bool:
-    """Delete an entry unless someone reads it (exclusive non-blocking lock on its .npy)."""
+def _sweep(entries: Path) -> int:
+    """Delete what a writer left (temporary files whose writer is gone: no lock held on them)
+    and anything that is not a regular file (links, FIFOs); bytes freed."""
+    freed = 0
+    for folder, entry in list(files.walk(entries)):
+        if entry.is_dir(follow_symlinks=False):
+            continue
+        temporary = entry.name.startswith(".") and ".tmp" in entry.name
+        with contextlib.suppress(OSError):
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                (folder / entry.name).unlink()
+            elif temporary and _evict(folder / entry.name):
+                freed += st.st_size
+    return freed
+
+
+def _evict(npy: Path, side: Path | None = None) -> bool:
+    """Delete an entry (or a temporary file) unless someone reads or writes it (exclusive
+    non-blocking lock on it); the file is opened without following a link."""
     try:
-        with open(npy, "rb") as f:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = os.open(npy, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if side is not None:
             side.unlink(missing_ok=True)
-            npy.unlink(missing_ok=True)
+        return True
+    except OSError:  # a link or special file where the entry belongs: delete the name only
+        if side is not None:
+            side.unlink(missing_ok=True)
+        npy.unlink(missing_ok=True)
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if side is not None:
+            side.unlink(missing_ok=True)
+        npy.unlink(missing_ok=True)
     except BlockingIOError:
         return False
-    except FileNotFoundError:
-        side.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
     return True
 
 
@@ -117,15 +164,16 @@ def info(root: str | os.PathLike[str]) -> dict[str, Any]:
              "bytes": _tree_bytes(tdir),
              "last_used": max((e[0] for e in entries), default=None)}
         )  # fmt: skip
-    free = shutil.disk_usage(root).free if root.exists() else None
+    free = files.free_bytes(root)
     total = {k: sum(t[k] for t in teachers) for k in ("entries", "bytes")}
     return {"root": str(root), "teachers": teachers, **total, "free_bytes": free}
 
 
 def _tree_bytes(path: Path) -> int:
-    """Bytes of the files under ``path`` (files deleted meanwhile count 0)."""
+    """Bytes of the regular files under ``path``, links not followed (deleted ones count 0)."""
     total = 0
-    for p in path.rglob("*"):
+    for _, entry in files.walk(path):
         with contextlib.suppress(OSError):
-            total += p.stat().st_size if p.is_file() else 0
+            st = entry.stat(follow_symlinks=False)
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
     return total

@@ -22,87 +22,71 @@ Rules that make concurrent trials safe:
   locks are only awaited by holders of no entry lock other than their own, no cycle can form.
 - Corruption (truncated, emptied, flipped byte) is caught by the size check on every open and
   the checksum on first use per process; the entry is named in a warning, deleted, recomputed.
-LRU order is the sidecar's mtime, touched (``os.utime``) on every read. Inspecting and
-trimming a cache (``info``, ``prune``: ``fbft cache``) live in :mod:`fbft.cache.admin`.
+- Untrusted files (:mod:`fbft.cache.files`): no link below the root is ever followed; a link,
+  FIFO or folder in place of an entry, its sidecar or its folder is treated as corruption; a
+  failed write removes its temporary file at once (a full disk: :class:`CacheFullError`, not
+  retried); ``prune`` removes those of dead writers. A read-only folder serves its entries.
+LRU order is the sidecar's mtime, touched (``os.utime`` on its descriptor) on every read.
+Inspecting and trimming a cache (``info``, ``prune``: ``fbft cache``): :mod:`fbft.cache.admin`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
-import resource
-import socket
 import time
-import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from fbft.cache import files
 from fbft.cache.admin import CACHE_VERSION, prune
+from fbft.cache.common import (
+    CacheReport,
+    CorruptEntry,
+    Encode,
+    HasPathAndImage,
+    content_hash,
+    default_cache_dir,
+    f32,
+    host,
+    raise_fd_limit,
+    unique,
+)
+from fbft.cache.files import CacheFullError, NotRegularFile
+
+__all__ = [
+    "CacheFullError",
+    "CacheReport",
+    "CorruptEntry",
+    "FeatureCache",
+    "NotRegularFile",
+    "content_hash",
+    "default_cache_dir",
+    "teacher_tokens",
+]
 
 LOCK_STRIPES = 256
 CHECKSUM = "sha256"
 DTYPES = ("float32", "float16")
 _SIDECAR_KEYS = {"shape", "dtype", "digest", "teacher_ms"}
 _verified: set[tuple[str, int, int, int]] = set()  # (path, inode, size, mtime) checked here
-
-
-class HasPathAndImage(Protocol):
-    path: str
-
-    @property
-    def image(self) -> np.ndarray: ...
-
-
-Encode = Callable[[list[np.ndarray]], Sequence[tuple[Any, Any]]]
-
-
-class CorruptEntry(Exception):
-    """A cache entry whose bytes do not match its sidecar."""
-
-
-def default_cache_dir() -> Path:
-    """``$FBFT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fbft``, else ``~/.cache/fbft``."""
-    if "FBFT_CACHE_DIR" in os.environ:
-        return Path(os.environ["FBFT_CACHE_DIR"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser()
-    return base / "fbft"
-
-
-def content_hash(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file's bytes."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-@dataclass
-class CacheReport:
-    """What one ``teacher_tokens`` call did; reports add up (``a + b``, ``sum(reports, ...)``)."""
-
-    passes: int = 0
-    reused: int = 0
-    teacher_ms: list[float] = field(default_factory=list)
-    recomputed_corrupt: int = 0
-    evicted: int = 0
-    verify_ms: float = 0.0
-
-    def __add__(self, other: CacheReport) -> CacheReport:
-        return CacheReport(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
-
-    def __radd__(self, other: object) -> CacheReport:
-        """``sum(reports)`` starts from 0."""
-        return self if other == 0 else NotImplemented
+_announced: set[str] = set()  # read-only cache folders already reported
 
 
 class FeatureCache:
-    """Teacher tokens of image files for one teacher identity, under ``root/<teacher id>/``."""
+    """Teacher tokens of image files for one teacher identity, under ``root/<teacher id>/``.
+
+    A cache folder this process cannot write to is *read-only*: complete, checksummed entries
+    are served without any lock, new tokens are computed but not stored (said once).
+    """
 
     def __init__(
         self,
@@ -119,36 +103,58 @@ class FeatureCache:
         text = json.dumps(described, sort_keys=True, default=str)
         self.teacher_id = hashlib.sha256(text.encode()).hexdigest()[:20]
         self.dir = self.root / self.teacher_id
-        (self.dir / "locks").mkdir(parents=True, exist_ok=True)
-        if not (self.dir / "teacher.json").exists():
-            _atomic_write(self.dir / "teacher.json", (text + "\n").encode())
+        self.read_only = False
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with files.folder(self.root, [self.teacher_id, "locks"], create=True):
+                pass
+            with files.folder(self.root, [self.teacher_id], create=True) as fd:
+                probe = f".probe.{unique()}.tmp"  # a folder we may not write to is read-only
+                files.create_locked_temp(probe, fd).close()
+                os.unlink(probe, dir_fd=fd)
+                if not files.exists("teacher.json", fd):
+                    files.write_new("teacher.json", (text + "\n").encode(), fd, unique())
+        except OSError as error:
+            if error.errno not in files.READ_ONLY_ERRNOS:
+                raise
+            self.read_only = True
+            if str(self.dir) not in _announced:
+                _announced.add(str(self.dir))
+                warnings.warn(
+                    f"teacher-token cache {self.dir} is read-only ({error.strerror}): cached "
+                    "entries are used, new ones are not stored",
+                    stacklevel=2,
+                )
 
     def paths(self, key: str) -> tuple[Path, Path]:
         """(.npy, sidecar .json) of an entry."""
         stem = self.dir / "entries" / key[:2] / key
         return stem.with_suffix(".npy"), stem.with_suffix(".json")
 
+    def _folder(self, key: str, create: bool = False) -> contextlib.AbstractContextManager[int]:
+        """The entry folder of ``key``, reached without following any link."""
+        return files.folder(self.root, [self.teacher_id, "entries", key[:2]], create)
+
     def open(self, key: str) -> tuple[np.ndarray, np.ndarray, float] | None:
-        """(f_j, f_k, teacher ms) as read-locked memmaps, or None; raises CorruptEntry."""
+        """(f_j, f_k, teacher ms) as read-locked memmaps, or None; raises CorruptEntry (also
+        for a link, FIFO or folder in place of the entry, its sidecar or its folder)."""
         npy, side = self.paths(key)
         try:
-            meta = json.loads(side.read_bytes())
-            f = open(npy, "rb")  # noqa: SIM115 - its descriptor outlives this call in the memmap
+            with self._folder(key) as fd:
+                meta = _sidecar(f"{key}.json", fd, side)
+                with files.open_regular(f"{key}.npy", fd, npy) as f:
+                    fcntl.flock(f, fcntl.LOCK_SH)
+                    st = os.fstat(f.fileno())
+                    same = files.inode(f"{key}.npy", fd) == st.st_ino
+                    if same and files.exists(f"{key}.json", fd):
+                        tokens = self._map(f, npy, meta, st)
+                        return tokens[0], tokens[1], float(meta["teacher_ms"])
         except FileNotFoundError:
             return None
-        except (ValueError, OSError) as error:
-            raise CorruptEntry(f"{side}: unreadable sidecar ({error})") from error
-        if not isinstance(meta, dict) or not meta.keys() >= _SIDECAR_KEYS:
-            f.close()
-            raise CorruptEntry(f"{side}: unreadable sidecar (lacks {sorted(_SIDECAR_KEYS)})")
-        with f:
-            fcntl.flock(f, fcntl.LOCK_SH)
-            st = os.fstat(f.fileno())
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(npy).st_ino == st.st_ino and side.exists():
-                    tokens = self._map(f, npy, meta, st)
-                    os.utime(side)
-                    return tokens[0], tokens[1], float(meta["teacher_ms"])
+        except NotRegularFile as error:
+            raise CorruptEntry(str(error)) from error
+        except OSError as error:
+            raise CorruptEntry(f"{npy}: unreadable ({error})") from error
         return None  # evicted or replaced between the lookup and the lock
 
     def _map(self, f: Any, npy: Path, meta: dict[str, Any], st: os.stat_result) -> np.memmap:
@@ -174,43 +180,76 @@ class FeatureCache:
             f.seek(offset)
         return np.memmap(f, dtype, "r", f.tell(), tuple(shape))
 
-    def store(self, key: str, f_j: np.ndarray, f_k: np.ndarray, teacher_ms: float) -> np.memmap:
+    def store(self, key: str, f_j: np.ndarray, f_k: np.ndarray, teacher_ms: float) -> np.ndarray:
         """Write an entry atomically; returns its read-locked memmap (taken before publishing,
-        so an eviction cannot remove it before the caller uses it)."""
+        so an eviction cannot remove it before the caller uses it). A read-only cache returns
+        the tokens in memory. A failed write leaves no temporary file; a full disk raises
+        :class:`CacheFullError` naming the folder and the bytes needed."""
+        tokens = np.stack([f_j, f_k]).astype(self.dtype, copy=False)
+        if self.read_only:
+            return tokens
         npy, side = self.paths(key)
-        npy.parent.mkdir(parents=True, exist_ok=True)
-        tmp = npy.with_name(f".{key}.{_unique()}.tmp.npy")
-        np.save(tmp, np.stack([f_j, f_k]).astype(self.dtype, copy=False))
-        with open(tmp, "rb") as f:
-            fcntl.flock(f, fcntl.LOCK_SH)
-            meta = {"shape": [2, *f_j.shape], "dtype": self.dtype.name, "created": time.time()}
-            meta.update(digest=hashlib.file_digest(f, CHECKSUM).hexdigest(), teacher_ms=teacher_ms)
-            f.seek(0)
-            st = os.fstat(f.fileno())
-            _verified.add((str(npy), st.st_ino, st.st_size, st.st_mtime_ns))
-            tokens = self._map(f, npy, meta, st)
-            os.replace(tmp, npy)
-        _atomic_write(side, json.dumps(meta).encode())
-        return tokens
+        tmp = f".{key}.{unique()}.tmp.npy"
+        with self._folder(key, create=True) as fd:
+            try:
+                with files.create_locked_temp(tmp, fd) as f:
+                    np.save(f, tokens)
+                    f.flush()
+                    meta = {"shape": [2, *f_j.shape], "dtype": self.dtype.name}
+                    meta.update(created=time.time(), teacher_ms=teacher_ms)
+                    f.seek(0)
+                    meta["digest"] = hashlib.file_digest(f, CHECKSUM).hexdigest()
+                    f.seek(0)
+                    st = os.fstat(f.fileno())
+                    _verified.add((str(npy), st.st_ino, st.st_size, st.st_mtime_ns))
+                    mapped = self._map(f, npy, meta, st)
+                    os.replace(tmp, npy.name, src_dir_fd=fd, dst_dir_fd=fd)
+                files.write_new(side.name, json.dumps(meta).encode(), fd, unique())
+            except BaseException as error:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=fd)
+                if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                    raise self._full(npy.parent, tokens.nbytes) from None
+                raise
+        return mapped
+
+    def _full(self, where: Path, need: int) -> files.CacheFullError:
+        free = files.free_bytes(where)
+        return files.CacheFullError(
+            f"no space left for the teacher-token cache in {where}: an entry needs "
+            f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB are free; free space (fbft cache prune "
+            "--max-gb X), bound it (--cache-max-gb), or move it (--cache-dir)"
+        )
 
     def discard(self, key: str) -> None:
-        """Delete an entry (sidecar first, so it disappears before its data)."""
-        for path in self.paths(key)[::-1]:
-            path.unlink(missing_ok=True)
+        """Delete an entry (sidecar first, so it disappears before its data); whatever stands
+        in its place (a link, a FIFO, a folder) goes too, without being followed."""
+        if self.read_only:
+            return
+        npy, side = self.paths(key)
+        with self._folder(key, create=True) as fd:
+            for path in (side, npy):
+                files.remove(path.name, fd)
 
     @contextlib.contextmanager
     def locked(self, keys: Sequence[str]) -> Iterator[None]:
-        """Hold the computing stripes of ``keys`` (taken in sorted order: no deadlock)."""
+        """Hold the computing stripes of ``keys`` (taken in sorted order: no deadlock). A
+        read-only cache stores nothing, so it needs no lock (entries are read-locked alone)."""
+        if self.read_only:
+            yield
+            return
         with contextlib.ExitStack() as stack:
+            fd = stack.enter_context(files.folder(self.root, [self.teacher_id, "locks"], True))
             for stripe in sorted({int(k[:2], 16) % LOCK_STRIPES for k in keys}):
-                path = self.dir / "locks" / f"{stripe:03d}.lock"
-                handle = stack.enter_context(open(path, "a+b"))
+                name = f"{stripe:03d}.lock"
+                handle = files.lock_file(name, fd, self.dir / "locks" / name)
+                stack.callback(os.close, handle)
                 fcntl.flock(handle, fcntl.LOCK_EX)
             yield
 
     def enforce_limit(self) -> int:
         """Evict least-recently-used idle entries (whole root) beyond ``max_gb``; count."""
-        if self.max_gb is None:
+        if self.max_gb is None or self.read_only:
             return 0
         return prune(self.root, max_gb=self.max_gb).removed
 
@@ -228,12 +267,12 @@ def teacher_tokens(
     """
     report, out = CacheReport(), []
     if cache is not None:
-        _raise_fd_limit()
+        raise_fd_limit()
     for start in range(0, len(samples), max(1, batch_size)):
         chunk = samples[start : start + max(1, batch_size)]
         if cache is None:
             computed, _ = _compute(encode, [s.image for s in chunk], report)
-            out += [(_f32(a), _f32(b)) for a, b in computed]
+            out += [(f32(a), f32(b)) for a, b in computed]
             continue
         keys = [content_hash(s.path) for s in chunk]
         found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -278,37 +317,24 @@ def _compute(
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
     """Run the teacher; the time includes the copy to host memory (which syncs a GPU)."""
     start = time.perf_counter()
-    tokens = [(_host(a), _host(b)) for a, b in encode(images)]
+    tokens = [(host(a), host(b)) for a, b in encode(images)]
     per_image_ms = 1000 * (time.perf_counter() - start) / max(1, len(images))
     report.passes += len(images)
     report.teacher_ms += [per_image_ms] * len(images)
     return tokens, per_image_ms
 
 
-def _f32(array: np.ndarray) -> np.ndarray:
-    return array.astype(np.float32, copy=False)
-
-
-def _host(array: Any) -> np.ndarray:
-    """A numpy array of a numpy array or a (device) tensor, without importing torch."""
-    return array if isinstance(array, np.ndarray) else array.detach().cpu().numpy()
-
-
-def _raise_fd_limit() -> None:
-    """Each memmapped entry holds one file descriptor: lift the soft limit to the hard one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
-    if soft != resource.RLIM_INFINITY and soft < want:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{_unique()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _unique() -> str:
-    """A temporary-file tag unique across the hosts sharing a cache (NFS) and their processes."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def _sidecar(name: str, fd: int, where: Path) -> dict[str, Any]:
+    """An entry's sidecar (touched: LRU order; a read-only cache keeps its own order)."""
+    try:
+        with files.open_regular(name, fd, where) as handle:
+            meta = json.loads(handle.read())
+            with contextlib.suppress(OSError):
+                os.utime(handle.fileno())
+    except (FileNotFoundError, NotRegularFile):
+        raise
+    except (ValueError, OSError) as error:
+        raise CorruptEntry(f"{where}: unreadable sidecar ({error})") from error
+    if not isinstance(meta, dict) or not meta.keys() >= _SIDECAR_KEYS:
+        raise CorruptEntry(f"{where}: unreadable sidecar (lacks {sorted(_SIDECAR_KEYS)})")
+    return meta

@@ -1,4 +1,4 @@
-"""Sample and dataset types shared by every reader, image/mask decoding and the data errors."""
+"""Sample and dataset types shared by every reader (decoding: `images`; errors: `errors`)."""
 
 from __future__ import annotations
 
@@ -9,83 +9,35 @@ from pathlib import Path
 from typing import overload
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+
+from fbft.data.errors import (
+    CorruptImageError,
+    DatasetError,
+    DatasetFormatError,
+    DatasetNotFoundError,
+    MaskSizeError,
+    MissingMaskError,
+    UnknownCategoryError,
+)
+from fbft.data.images import image_size, read_image, read_mask
+
+__all__ = [
+    "CorruptImageError",
+    "DatasetError",
+    "DatasetFormatError",
+    "DatasetNotFoundError",
+    "MaskSizeError",
+    "MissingMaskError",
+    "UnknownCategoryError",
+    "image_size",
+    "read_image",
+    "read_mask",
+]
 
 SPLITS = ("train", "test")
 FORMATS = ("mvtec", "visa", "visa_1cls")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 NOMINAL = "good"
-
-
-class DatasetError(Exception):
-    """Base class of every error raised while locating or reading a dataset."""
-
-
-class DatasetNotFoundError(DatasetError, FileNotFoundError):
-    """The dataset root, a category folder or an image listed by the dataset does not exist."""
-
-
-class MissingMaskError(DatasetError, FileNotFoundError):
-    """An anomalous image has no ground-truth mask."""
-
-
-class UnknownCategoryError(DatasetError, ValueError):
-    """The requested category is not in the dataset."""
-
-
-class DatasetFormatError(DatasetError, ValueError):
-    """Unknown split or format, or a layout that cannot be recognised."""
-
-
-class MaskSizeError(DatasetError, ValueError):
-    """A mask does not have the size of its image."""
-
-
-class CorruptImageError(DatasetError, ValueError):
-    """An image or mask file cannot be decoded."""
-
-
-def _open(path: str | Path) -> Image.Image:
-    """Open an image file lazily (header only); decoder failures become `CorruptImageError`."""
-    try:
-        return Image.open(path)
-    except FileNotFoundError as err:
-        raise DatasetNotFoundError(f"image file not found: {path}") from err
-    except (UnidentifiedImageError, OSError) as err:
-        raise CorruptImageError(f"cannot read image file {path}: {err}") from err
-
-
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) of an image file, read from its header without decoding the pixels."""
-    with _open(path) as img:
-        width, height = img.size
-    return height, width
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to an HxWx3 uint8 RGB array (grayscale, palette and RGBA converted)."""
-    with _open(path) as img:
-        try:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-        except (OSError, ValueError) as err:
-            raise CorruptImageError(f"cannot decode image file {path}: {err}") from err
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """Decode a mask file to an HxW bool array: every non-zero pixel (any channel) is anomalous.
-
-    Multi-class masks (pixel value = defect-class id, as in VisA) are binarised the same way;
-    an alpha channel is ignored.
-    """
-    with _open(path) as img:
-        try:
-            values = np.asarray(img)
-        except (OSError, ValueError) as err:
-            raise CorruptImageError(f"cannot decode mask file {path}: {err}") from err
-        if img.mode in ("LA", "RGBA"):
-            values = values[..., :-1]
-    mask = values != 0
-    return mask.any(axis=-1) if mask.ndim == 3 else mask
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,26 @@
 """Batch scoring of image files with a saved detector: the body of `fbft predict`.
 
-Writes ``OUT/scores.csv`` (path, score and, when a threshold is known, decision = score >
-threshold), ``OUT/maps/<name>.npy`` (or ``.tiff``: the float32 map at the image's own H×W),
-``OUT/maps/<name>.png`` (image | map over the image at full resolution, jet on one colour scale
-for every image; outlined in white at the pixel threshold when known) and ``OUT/predict.json``
-(thresholds, colour scale). Images stream in batches: a folder of thousands never holds more
-than one batch of maps.
+Writes ``OUT/scores.csv`` (path, score, decision = score > threshold when a threshold is known,
+and map: the image's map file), ``OUT/maps/<name>.npy`` (or ``.tiff``: the float32 map at the
+image's own H×W), ``OUT/maps/<name>.png`` (image | map over the image at full resolution, jet on
+one colour scale for every image; outlined in white at the pixel threshold when known) and
+``OUT/predict.json`` (thresholds, colour scale). ``<name>`` is the image's path relative to the
+inputs' common folder, %-escaped (:func:`output_names`). Images stream in batches: a folder of
+thousands never holds more than one batch of maps. A failed run leaves no output.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
@@ -33,21 +38,20 @@ class PredictInputError(ValueError):
     """A path given to `fbft predict` is missing, unreadable or holds no image."""
 
 
-def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Image files named directly, plus every image under the named folders (sorted, recursive).
+def collect_images(
+    inputs: Sequence[str | os.PathLike[str]], exclude: Sequence[str | os.PathLike[str]] = ()
+) -> list[Path]:
+    """Image files named directly, plus every image under the named folders (sorted, recursive;
+    hidden names skipped; a symlinked folder followed once, so links cannot loop; folders in
+    ``exclude``, such as the output folder, never read).
 
     Duplicates are kept once; each header is read so a bad file fails before any work.
     """
+    skip = {Path(p).resolve() for p in exclude}
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files = sorted(
-                p
-                for p in item.rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS
-                and p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(item).parts)
-            )
+            files = _walk(item, skip)
             if not files:
                 raise PredictInputError(
                     f"folder {str(item)!r} holds no image file "
@@ -67,20 +71,47 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return unique
 
 
-def output_names(paths: Sequence[Path]) -> list[str]:
-    """File-name-safe names, unique even when folders share file names (``a__000``, ``b__000``).
+def _walk(folder: Path, skip: set[Path]) -> list[Path]:
+    """Image files under ``folder``: every real folder visited once (symlinked ones too)."""
+    seen: set[tuple[int, int]] = set()
+    files = []
+    for here, dirs, names in os.walk(folder, followlinks=True):
+        st = os.stat(here)
+        if (st.st_dev, st.st_ino) in seen or Path(here).resolve() in skip:
+            dirs.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            path = Path(here) / name
+            if (
+                not name.startswith(".")
+                and path.suffix.lower() in IMAGE_EXTENSIONS
+                and path.is_file()
+            ):
+                files.append(path)
+    return sorted(files)
 
-    A name is the path relative to the inputs' common folder, separators replaced by ``__``; the
-    extension stays (``000_png``) only where two files differ by extension alone.
+
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """File-name-safe, unique and reversible names: the path relative to the inputs' common
+    folder, %-escaped (``/`` -> ``%2F``, ``%`` -> ``%25``; ``urllib.parse.unquote`` gives the
+    path back), extension kept (``x.PNG`` and ``x.png`` differ). A name equal to an earlier one
+    but for letter case gets ``~2``, ``~3`` (case-insensitive filesystems); a name too long for
+    a file system ends in a hash. ``scores.csv`` names each image's map in its ``map`` column.
     """
-    absolute = [p.resolve() for p in paths]
+    absolute = [Path(os.path.abspath(p)) for p in paths]
     root = Path(os.path.commonpath([p.parent for p in absolute])) if absolute else Path()
-    stems = [str(p.relative_to(root).with_suffix("")).replace(os.sep, "__") for p in absolute]
-    clashes = {s for s in stems if stems.count(s) > 1}
-    return [
-        f"{s}_{p.suffix.lstrip('.').lower()}" if s in clashes else s
-        for s, p in zip(stems, absolute, strict=True)
-    ]
+    names, seen = [], {}
+    for path in absolute:
+        relative = path.relative_to(root).as_posix()
+        name = quote(relative, safe=" !$&'()+,;=@[]^`{}").replace("~", "%7E")
+        name = "%2E" + name[1:] if name.startswith(".") else name
+        if len(name.encode()) > 200:
+            name = f"{name[:150]}~{hashlib.sha256(relative.encode()).hexdigest()[:16]}"
+        count = seen[name.casefold()] = seen.get(name.casefold(), 0) + 1
+        names.append(name if count == 1 else f"{name}~{count}")
+    return names
 
 
 def iter_batches(
@@ -126,33 +157,86 @@ def predict_images(
     batch_size: int = 16,
     overlays: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Score image files (from :func:`collect_images`) into ``out`` (see the module doc).
 
-    ``image_threshold`` overrides ``thresholds.image``; returns the path of scores.csv.
+    Everything is written into a temporary folder beside ``out`` and renamed into place at the
+    end: a run that fails leaves no half output. ``out`` must be missing or empty, or, with
+    ``overwrite``, an earlier output (it is then replaced whole: no stale maps). Returns the
+    path of scores.csv; ``image_threshold`` overrides ``thresholds.image``.
     """
+    if map_format not in MAP_FORMATS:
+        raise PredictInputError(f"--format must be one of {', '.join(MAP_FORMATS)}")
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _write(model, paths, work, thresholds, image_threshold, map_format, batch_size,
+               overlays, progress)  # fmt: skip
+        if out.exists() and any(out.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "out")
+            os.replace(work, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out / "scores.csv"
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """``--out`` is a new or empty folder, or (``overwrite``) an earlier output of predict."""
+    if out.exists() and not out.is_dir():
+        raise PredictInputError(f"--out {out} is a file; name a folder for the outputs")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise PredictInputError(
+            f"--out {out} is not empty; pass --overwrite to replace an earlier output, or name a "
+            "new folder"
+        )
+    if not (out / "scores.csv").is_file():
+        raise PredictInputError(
+            f"--out {out} is not an fbft predict output (no scores.csv); --overwrite replaces "
+            "only those: name a new folder"
+        )
+
+
+def _write(
+    model: FBFT,
+    paths: Sequence[Path],
+    out: Path,
+    thresholds: Thresholds | None,
+    image_threshold: float | None,
+    map_format: str,
+    batch_size: int,
+    overlays: bool,
+    progress: bool,
+) -> None:
     from tqdm.auto import tqdm
 
     from fbft.plots import overlay_pixels
 
-    if map_format not in MAP_FORMATS:
-        raise PredictInputError(f"--format must be one of {', '.join(MAP_FORMATS)}")
     names = iter(output_names(paths))
     cut = image_threshold if image_threshold is not None else getattr(thresholds, "image", None)
     pixel_cut = getattr(thresholds, "pixel", None)
-    out = Path(out)
-    (out / "maps").mkdir(parents=True, exist_ok=True)
+    (out / "maps").mkdir()
     clim = None
     bar = tqdm(total=len(paths), desc="predicting", unit="image", disable=not progress)
     with (out / "scores.csv").open("w", newline="") as handle, bar:
         rows = csv.writer(handle)
-        rows.writerow(["path", "score"] + (["decision"] if cut is not None else []))
+        rows.writerow(["path", "score"] + (["decision"] if cut is not None else []) + ["map"])
         for batch in iter_batches(model, paths, batch_size):
             if overlays and clim is None:
                 clim = colour_scale([amap for _, _, amap, _ in batch], pixel_cut)
             for path, image, amap, score in batch:
                 name = next(names)
-                rows.writerow([str(path), score] + ([int(score > cut)] if cut is not None else []))
+                decision = [int(score > cut)] if cut is not None else []
+                rows.writerow([str(path), score, *decision, f"maps/{name}.{map_format}"])
                 save_map(amap, out / "maps" / f"{name}.{map_format}")
                 if overlays:
                     pixels = overlay_pixels(image, amap, clim, pixel_cut)
@@ -165,4 +249,3 @@ def predict_images(
         "colour_range": clim,
     }
     (out / "predict.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return out / "scores.csv"

@@ -1,22 +1,32 @@
 """`fbft predict --model MODEL --out DIR IMAGE_OR_FOLDER...`: the command line of batch scoring.
 
-Writes ``OUT/scores.csv`` (path, score and, when a threshold is known, decision = score >
-threshold), ``OUT/maps/<name>.npy`` (or ``.tiff``: the float32 map at the image's own H×W),
-``OUT/maps/<name>.png`` (image | map over the image at full resolution, jet on one colour scale
-for every image; outlined in white at the pixel threshold when known) and ``OUT/predict.json``
-(thresholds, colour scale). Images stream in batches: a folder of thousands never holds more
-than one batch of maps.
+Writes ``OUT/scores.csv`` (path, score, decision = score > threshold when a threshold is known,
+and map: the image's map file), ``OUT/maps/<name>.npy`` (or ``.tiff``: the float32 map at the
+image's own H×W), ``OUT/maps/<name>.png`` (image | map over the image at full resolution, jet on
+one colour scale for every image; outlined in white at the pixel threshold when known) and
+``OUT/predict.json`` (thresholds, colour scale). <name> is the image's path relative to the
+inputs' common folder, %-escaped. OUT must be new or empty (--overwrite replaces an earlier
+output); a failed run leaves none. Every error is one line, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import pickle
 import sys
 from pathlib import Path
 
+from fbft.core.redact import redact
 from fbft.data.common import DatasetError
-from fbft.serve.batch import MAP_FORMATS, PredictInputError, collect_images, predict_images
+from fbft.serve.batch import (
+    MAP_FORMATS,
+    PredictInputError,
+    check_output,
+    collect_images,
+    predict_images,
+)
 
 
 def add_predict_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -50,6 +60,9 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "sqlite:///mlflow.db when ./mlflow.db exists)",
     )
     parser.add_argument("--no-overlays", action="store_true", help="skip the .png overlays")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier output in --out (not merged)"
+    )
     parser.set_defaults(func=_run)
     return parser
 
@@ -66,27 +79,54 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         return _fail(f"--batch-size must be at least 1; got {args.batch_size}")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        return _fail(f"--threshold must be a finite number; got {args.threshold}")
     try:
-        paths = collect_images(args.inputs)
-        model, thresholds = load(
-            args.model, device=args.device, tracking_uri=args.tracking_uri or default_tracking_uri()
-        )
-        csv_path = predict_images(
-            model,
-            paths,
-            args.out,
-            thresholds,
-            args.threshold,
-            args.format,
-            args.batch_size,
-            overlays=not args.no_overlays,
-        )
-    except (PredictInputError, DatasetError, ModelReferenceError) as err:
+        check_output(args.out, args.overwrite)
+        paths = collect_images(args.inputs, exclude=[args.out])
+        uri = args.tracking_uri or default_tracking_uri()
+        _check_store(args.model, uri)
+        model, thresholds = load(args.model, device=args.device, tracking_uri=uri)
+    except (PredictInputError, DatasetError, ModelReferenceError, OSError) as err:
         return _fail(str(err))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as err:
+        return _fail(
+            f"--model {args.model}: not a loadable fbft model ({type(err).__name__}: "
+            f"{_first_line(err)}); files that carry code are refused"
+        )
+    try:
+        csv_path = predict_images(
+            model, paths, args.out, thresholds, args.threshold, args.format, args.batch_size,
+            overlays=not args.no_overlays, overwrite=args.overwrite,
+        )  # fmt: skip
+    except (PredictInputError, DatasetError, OSError) as err:
+        return _fail(f"{err}; nothing was written to {args.out}")
     print(f"scores of {len(paths)} image(s): {csv_path}")
     return 0
 
 
+def _check_store(model: str, uri: str | None) -> None:
+    """A runs:/ or models:/ lookup in a SQLite store that does not exist would create an empty
+    database: refuse it, naming the file."""
+    if Path(model).expanduser().exists() or not model.startswith(("runs:/", "models:/")):
+        return
+    if uri is None:
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise PredictInputError(
+            f"--model {model}: no MLflow database at {uri[len('sqlite:///') :]}; pass the "
+            "--tracking-uri of the study that logged it"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:300]
+
+
 def _fail(message: str) -> int:
-    print(f"fbft predict: error: {message}", file=sys.stderr)
+    """One line on stderr (credentials redacted), exit status 2."""
+    line = " ".join(redact(message).split())
+    print(f"fbft predict: error: {line}", file=sys.stderr)
     return 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -134,11 +133,11 @@ def cache_line(cache_root: Path, options: Options) -> str:
     if options.no_cache:
         return "off (--no-cache: the teacher runs in every trial)"
     from fbft.cache.admin import info
+    from fbft.cache.files import free_bytes
 
     folder = cache_root / "features"
     size = info(folder)["bytes"] if folder.exists() else 0
-    probe = cache_root if cache_root.exists() else Path.home()
-    free = shutil.disk_usage(probe).free
+    free = free_bytes(folder)  # the cache's own filesystem, also while it does not exist yet
     limit = f", limit {options.cache_max_gb:g} GB" if options.cache_max_gb else ""
     return (
         f"{folder}: {size / 1e9:.2f} GB used, {free / 1e9:.0f} GB free on disk, "

@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import math
 import os
-import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -21,6 +20,8 @@ from urllib.parse import urlparse
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+
+from fbft.core.redact import redact  # also tracking.redact, for every caller in the study
 
 TRIAL_TAG = "fbft.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
@@ -48,22 +49,14 @@ def resolve_tracking_uri(uri: str | None, cwd: str | os.PathLike[str] | None = N
     return uri
 
 
-def redact(uri: str) -> str:
-    """A URI safe to print and store: no ``user:password@`` and no token-like query values."""
-    uri = re.sub(r"(://)[^/@\s]+@", r"\1***@", uri)
-    return re.sub(
-        r"(?i)([?&](?:token|access_token|password|key|secret|sig)[^=]*=)[^&]+", r"\1***", uri
-    )
-
-
 def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this store."""
+    """The command that opens the MLflow UI on this store (credentials never printed)."""
     if uri.startswith(("http://", "https://")):
         return f"open {redact(uri)}"
     if uri.startswith("sqlite:///"):
         root = artifact_root(uri)
-        return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {root}"
-    return f"mlflow ui --backend-store-uri {uri}"
+        return f"mlflow ui --backend-store-uri {redact(uri)} --default-artifact-root {root}"
+    return f"mlflow ui --backend-store-uri {redact(uri)}"
 
 
 def artifact_root(uri: str) -> str | None:
@@ -97,13 +90,14 @@ def prepare_store(uri: str) -> MlflowClient:
         import urllib.request
 
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
+            with urllib.request.urlopen(_health_request(uri), timeout=10) as response:
                 response.read()
         except urllib.error.HTTPError:
             pass  # it answers (a proxy may guard /health); credentials are MLflow's business
         except OSError as err:
             raise TrackingError(
-                f"--tracking-uri {redact(uri)}: the MLflow server does not answer ({err})"
+                f"--tracking-uri {redact(uri)}: the MLflow server does not answer "
+                f"({redact(str(err))})"
             ) from None
         return MlflowClient(uri)
     with _store_lock(uri):
@@ -113,10 +107,28 @@ def prepare_store(uri: str) -> MlflowClient:
         except Exception as err:  # SQLAlchemy/MLflow errors of a file that is not a store
             raise TrackingError(
                 f"--tracking-uri {redact(uri)} is not a usable MLflow store "
-                f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); point it at an "
+                f"({type(err).__name__}: {redact(str(err).splitlines()[0][:200])}); point it at an "
                 "MLflow database, a new file name, or a server"
             ) from None
     return client
+
+
+def _health_request(uri: str) -> Any:
+    """The reachability probe of a server URI; user:password@ in it becomes HTTP basic auth,
+    as MLflow's client (requests) sends it."""
+    import base64
+    import urllib.request
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    url = urlunsplit(parts._replace(netloc=netloc, path=parts.path.rstrip("/") + "/health"))
+    request = urllib.request.Request(url)
+    if parts.username is not None:
+        user, password = unquote(parts.username), unquote(parts.password or "")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
 
 
 def experiment_id(client: MlflowClient, name: str, uri: str) -> str:

@@ -8,6 +8,7 @@ recomputing. Infrastructure errors (I/O, network) are retried by Tune.
 
 from __future__ import annotations
 
+import errno
 import socket
 import tempfile
 import time
@@ -122,11 +123,15 @@ def _infrastructure(err: BaseException) -> bool:
 
     if isinstance(err, DatasetError | FileNotFoundError | IsADirectoryError | PermissionError):
         return False
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:  # a full disk stays full
+        return False
     return isinstance(err, OSError | ConnectionError | TimeoutError)
 
 
 def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
+    from fbft.core.redact import redact
+
+    text = redact(str(err)).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"[:400]
 
 
@@ -262,7 +267,7 @@ class _Runs:
     def failed(self, err: BaseException, deterministic: bool) -> None:
         from fbft.study import tracking
 
-        text = "".join(traceback.format_exception(err))
+        text = tracking.redact("".join(traceback.format_exception(err)))
         for run_id in self.ids:
             tags = {ERROR_TAG: _one_line(err)}
             if deterministic:
