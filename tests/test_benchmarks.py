@@ -40,3 +40,26 @@ def test_quick_benchmark_writes_results(tmp_path, name, keys):
     if name == "training":
         row = record["rows"][0]
         assert row["teacher_passes_per_epoch"] > row["teacher_passes_cached"]
+
+
+def test_device_check_quick_runs_every_step(tmp_path):
+    """The GPU device check in its CPU form: every step done or named as skipped, and every
+    CPU-vs-CPU self-check exact (a comparison that passes here compares equal results)."""
+    out = tmp_path / "device_check.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "device_check.py"), "--device", "cpu", "--quick",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "device: device=cpu" in result.stdout  # printed first, before any step
+    record = json.loads(out.read_text())
+    assert record["quick"] and record["device"]["device"] == "cpu"
+    assert list(record["steps"]) == ["correctness", "paper", "study", "bank"]
+    for name, step in record["steps"].items():
+        assert step["status"] == "done" or step["status"].startswith("skipped"), (name, step)
+        for check in step["checks"]:
+            assert check["status"] == "done" or check["status"].startswith("skipped"), check
+            if check["status"] == "done" and "ok" in check:
+                assert check["ok"], check
+    assert len(record["rows"]) == sum(len(s["checks"]) for s in record["steps"].values())

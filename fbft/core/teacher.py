@@ -147,14 +147,23 @@ class Teacher(nn.Module):
             raise ValueError(
                 f"teacher expects {self.image_size}x{self.image_size} inputs, got {tuple(x.shape)}"
             )
-        f_j, f_k = self.model.forward_intermediates(
-            x,
-            indices=[self.layers[0] - 1, self.layers[1] - 1],
-            norm=True,
-            stop_early=True,
-            output_fmt="NLC",
-            intermediates_only=True,
-        )
+        if self.precision != "fp32" and x.device.type != "cuda":
+            raise ValueError(
+                f"precision={self.precision!r} (autocast) needs a CUDA device; the teacher runs "
+                f"on {x.device}. Use precision='fp32'."
+            )
+        # Autocast here, around the ViT only: every caller (fit, predict, the per-epoch loop,
+        # the benchmarks) gets the same precision, and the students never run under it.
+        autocast = torch.autocast(x.device.type, AUTOCAST[self.precision], self.precision != "fp32")
+        with autocast:
+            f_j, f_k = self.model.forward_intermediates(
+                x,
+                indices=[self.layers[0] - 1, self.layers[1] - 1],
+                norm=True,
+                stop_early=True,
+                output_fmt="NLC",
+                intermediates_only=True,
+            )
         return f_j.float(), f_k.float()
 
     def preprocess(self, image: np.ndarray, name: str = "image") -> torch.Tensor:
@@ -162,22 +171,16 @@ class Teacher(nn.Module):
         return maps.preprocess(maps.as_rgb(image, name), self.image_size, self.mean, self.std)
 
     def batches(self, images: Iterable[np.ndarray], batch_size: int) -> Iterator[TeacherBatch]:
-        """Pre-process and run ``images`` in batches, autocast by ``precision``: per batch the
+        """Pre-process and run ``images`` in batches (autocast by ``precision``): per batch the
         images' (H, W), f_j and f_k (float32, on the teacher's device) and the teacher's seconds
         (CUDA-synchronised)."""
         device = self.device
-        if self.precision != "fp32" and device.type != "cuda":
-            raise ValueError(
-                f"precision={self.precision!r} (autocast) needs a CUDA device; the teacher runs "
-                f"on {device}. Use precision='fp32'."
-            )
-        autocast = torch.autocast(device.type, AUTOCAST[self.precision], self.precision != "fp32")
         for batch in chunks(images, batch_size):
             arrays = [maps.as_rgb(img, f"image {i}") for i, img in batch]
             x = torch.stack([self.preprocess(a) for a in arrays]).to(device)
             sync(device)
             start = time.perf_counter()
-            with flushed_denormals(), autocast:
+            with flushed_denormals():
                 f_j, f_k = self(x)
             sync(device)
             yield [a.shape[:2] for a in arrays], f_j, f_k, time.perf_counter() - start

@@ -133,17 +133,14 @@ class FBFT:
                     bj, bk = (t.reshape(-1, dim) for t in store.batch(idx.tolist()))
                     pred_j, pred_k = students(bj, bk)
                     loss = transfer_loss(pred_j, bj, pred_k, bk, cfg.loss)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"training loss became {loss.item()} at epoch {epoch + 1}, batch "
-                            f"{len(losses) + 1} (lr={cfg.lr}, loss={cfg.loss}); lower the "
-                            "learning rate or check the inputs for NaN/inf"
-                        )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     losses.append(loss.detach())
-                self.history.append(float(torch.stack(losses).mean()))
+                # Checked once per epoch: a per-batch check would wait for the GPU every batch.
+                epoch_losses = torch.stack(losses).cpu()
+                _check_finite(epoch_losses, epoch, cfg)
+                self.history.append(float(epoch_losses.mean()))
                 epochs.set_postfix(loss=f"{self.history[-1]:.4f}")
         self.students = students.eval()
         self.token_tier = store.tier
@@ -304,6 +301,18 @@ class _TeacherEveryBatch:
         chosen = [self.images[i] for i in indices]
         ((_, f_j, f_k, _),) = self.teacher.batches(chosen, len(chosen))
         return f_j, f_k
+
+
+def _check_finite(losses: torch.Tensor, epoch: int, cfg: FBFTConfig) -> None:
+    """Raise on the first non-finite batch loss of an epoch."""
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        batch = int(bad[0])
+        raise FloatingPointError(
+            f"training loss became {float(losses[batch])} at epoch {epoch + 1}, batch "
+            f"{batch + 1} (lr={cfg.lr}, loss={cfg.loss}); lower the learning rate or check the "
+            "inputs for NaN/inf"
+        )
 
 
 def _tensor(a: Any) -> torch.Tensor:

@@ -104,16 +104,18 @@ def greedy_coreset(
     rows = chunk
     min_d = torch.full((n_rows,), float("inf"), device=device)
     chosen = torch.empty(n, dtype=torch.long, device=device)
-    current = torch.tensor(start, device=device)
+    # ``current`` stays a device tensor: indexing with a 0-d tensor (features[current]) would
+    # call .item() (a device synchronisation per iteration); index_select does not.
+    current = torch.full((1,), start, dtype=torch.long, device=device)
     for i in range(n):
-        chosen[i] = current
-        center = features[current]
+        chosen[i : i + 1] = current
+        center = features.index_select(0, current)[0]
         c_norm = center.pow(2).sum()
         for s in range(0, n_rows, rows):
             d = torch.addmv(norms[s : s + rows], features[s : s + rows], center, alpha=-2.0)
             d.add_(c_norm).clamp_(min=0.0)
             torch.minimum(min_d[s : s + rows], d, out=min_d[s : s + rows])
-        current = min_d.argmax()
+        current = min_d.argmax().view(1)
     return chosen
 
 
