@@ -13,7 +13,7 @@ from tiny import textures, tiny_config, with_defect
 
 from fbft import FBFT
 from fbft.detectors import SPADE, PatchCore, PatchCoreConfig, SPADEConfig, greedy_coreset, knn
-from fbft.detectors.base import Detector
+from fbft.detectors.base import Detector, NotFittedError
 from fbft.metrics import evaluate
 
 
@@ -130,7 +130,7 @@ def test_results_do_not_depend_on_chunk_or_input_kind(kind: str, tmp_path) -> No
     for cls, cfg in ((PatchCore, PatchCoreConfig), (SPADE, SPADEConfig)):
         small = cls(cfg(chunk=3, device="cpu")).fit_tokens(train)
         big = cls(cfg(device="cpu")).fit_tokens(conv)
-        p1, p2 = (m.predict_tokens(memmaps, [(10, 7), (5, 9)]) for m in (small, big))
+        p1, p2 = (m.predict_variants(memmaps, [(10, 7), (5, 9)])[0] for m in (small, big))
         tol = 1e-2 if kind == "float16" else 1e-5
         for a, b in zip(p1.maps, p2.maps, strict=True):
             np.testing.assert_allclose(a, b, atol=tol)
@@ -167,7 +167,7 @@ def test_interface_variants_sizes_and_save_load(tmp_path) -> None:
         with pytest.raises(ValueError, match="'fusion'"):
             model.predict_variants(test, sizes, [{"fusion": "sum"}])
         loaded = type(model).load(model.save(tmp_path / f"{model.method}.pt"))
-        again = loaded.predict_tokens(test, sizes)
+        again = loaded.predict_variants(test, sizes)[0]
         for a, b in zip(preds[0].maps, again.maps, strict=True):
             assert np.array_equal(a, b)
         assert again.scores == preds[0].scores
@@ -175,8 +175,8 @@ def test_interface_variants_sizes_and_save_load(tmp_path) -> None:
         assert json.loads(json.dumps(model.describe()))["method"] == model.method
     with pytest.raises(ValueError, match="holds a spade detector"):
         PatchCore.load(tmp_path / "spade.pt")
-    with pytest.raises(RuntimeError, match="not fitted"):
-        SPADE().predict_tokens(test, sizes)
+    with pytest.raises(NotFittedError, match="SPADE is not fitted"):
+        SPADE().predict_variants(test, sizes)[0]
     with pytest.raises(ValueError, match="coreset_ratio"):
         PatchCoreConfig(coreset_ratio=0)
     with pytest.raises(ValueError, match="at least one"):
@@ -184,19 +184,19 @@ def test_interface_variants_sizes_and_save_load(tmp_path) -> None:
     with pytest.raises(ValueError, match="square grid"):
         SPADE().fit_tokens(_pairs(1, 15, 8, seed=0))
     with pytest.raises(ValueError, match="image 0: 5x5 patches"):
-        PatchCore().fit_tokens(train).predict_tokens(_pairs(1, 25, 8, seed=0), [(5, 5)])
+        PatchCore().fit_tokens(train).predict_variants(_pairs(1, 25, 8, seed=0), [(5, 5)])[0]
 
 
 @pytest.fixture(scope="module")
 def planted() -> tuple[list, list, list, list]:
     teacher = FBFT(tiny_config(image_size=112))
-    train = teacher.teacher_tokens(textures(8, seed=0, shape=(112, 112)))
+    train = teacher.teacher.encode(textures(8, seed=0, shape=(112, 112)))
     good = textures(3, seed=1, shape=(112, 112))
     bad, masks = zip(
         *(with_defect(img, (40, 44, 24, 24)) for img in textures(3, seed=2, shape=(112, 112))),
         strict=True,
     )
-    test = teacher.teacher_tokens([*good, *bad])
+    test = teacher.teacher.encode([*good, *bad])
     masks = [np.zeros((112, 112), bool)] * 3 + list(masks)
     return train, test, [(112, 112)] * 6, masks
 
@@ -208,7 +208,7 @@ def planted() -> tuple[list, list, list, list]:
 )
 def test_planted_defects_are_found(model, planted) -> None:
     train, test, sizes, masks = planted
-    pred = model.fit_tokens(train).predict_tokens(test, sizes)
+    pred = model.fit_tokens(train).predict_variants(test, sizes)[0]
     result = evaluate(pred.maps, masks, scores=pred.scores)
     assert result["p_auroc"] > 0.8
     assert result["i_auroc"] > 0.8
