@@ -8,6 +8,7 @@ inference-side variants (fusion, distance, blur) asked for.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -253,7 +254,8 @@ def load_official(
 
 
 class _TeacherEveryBatch:
-    """A token source for ``FBFT.fit(images, teacher_per_epoch=True)``: each batch is a fresh teacher pass."""
+    """The token source of ``FBFT.fit(images, teacher_per_epoch=True)``: each batch is a fresh
+    teacher pass."""
 
     tier = "teacher-per-epoch"
 

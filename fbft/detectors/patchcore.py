@@ -37,9 +37,9 @@ class PatchCoreConfig(BankConfig):
     ``seed``: projection and first coreset centre."""
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "paper": {"patch_size": 3, "normalize": False, "scorer": "max", "blur": "gaussian4"},
-        "fbft-maps": {"patch_size": 1, "normalize": True, "scorer": "reweighted", "blur": "official"},
-    }  # fmt: skip
+        "paper": dict(patch_size=3, normalize=False, scorer="max", blur="gaussian4"),
+        "fbft-maps": dict(patch_size=1, normalize=True, scorer="reweighted", blur="official"),
+    }
 
     coreset_ratio: float = 0.1
     projection_dim: int | None = 128
