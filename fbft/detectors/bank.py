@@ -29,13 +29,12 @@ from fbft.core.config import check_choices, choices
 from fbft.core.device import resolve_device, sync
 from fbft.detectors.base import BaseDetector, Prediction, TokenPair, Variant
 from fbft.detectors.neighbours import DEFAULT_CHUNK
+from fbft.detectors.registry import BASELINE_PRESETS
 from fbft.detectors.saved import SavedDetector
 
 Blocks = Literal["both", "j", "k"]
 Blur = Literal["gaussian4", "official", "none"]
 VARIANT_KEYS = ("blur",)
-# The baselines' named presets: the published method, or the maps FBFT's table used to show.
-BASELINE_PRESETS = ("paper", "fbft-maps")
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class BankConfig:
     and coreset). ``device``: "auto" = CUDA if present. Defaults are the ``fbft-maps`` preset.
     """
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "fbft-maps": {}}
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {name: {} for name in BASELINE_PRESETS}
 
     blocks: Blocks = "both"
     normalize: bool = True

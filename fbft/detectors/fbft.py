@@ -236,6 +236,7 @@ class FBFT(BaseDetector):
         students.load_state_dict(saved.state)
         model.students = students.to(model.device).eval()
         model.history = list(saved.extra.get("history", []))
+        model.token_tier = saved.extra.get("token_tier")
         return model
 
 

@@ -20,6 +20,8 @@ _BUILTIN = {
 }
 _REGISTRY: dict[str, type] = {}
 DEFAULT_METHOD = "fbft"  # what a study trial runs unless it varies the method
+# The baselines' named presets: the published methods, or the maps FBFT's table used to show.
+BASELINE_PRESETS = ("paper", "fbft-maps")
 
 
 def register_detector(name: str) -> Callable[[type], type]:

@@ -132,6 +132,11 @@ def run_job(job: Job, out: Path) -> Outcome:
             "token_tier": str(getattr(detector, "token_tier", "n/a")),
             "teacher_weights": teacher.weights_source,
             "device": str(teacher.device),
+            **(
+                {"baseline_preset": str(job.baseline_preset)}
+                if job.method != DEFAULT_METHOD
+                else {}
+            ),
         },
     )
     if thresholds is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fbft.core.config import PRESETS, FBFTConfig
+from fbft.detectors.registry import DEFAULT_METHOD
 from fbft.study import checks
 from fbft.study.checks import CheckError
 from fbft.study.options import Options
@@ -102,8 +103,8 @@ def _cells(study: Study, options: Options, cats: dict[str, list[str]]) -> list[d
     axes = study.training_axes
     if study.search is not None:
         ((root, names),) = cats.items()
-        return [{"data": root, "categories": names, "seed": options.seeds[0], "method": "fbft",
-                 "shots": "full"}]  # fmt: skip
+        return [{"data": root, "categories": names, "seed": options.seeds[0],
+                 "method": DEFAULT_METHOD, "shots": "full"}]  # fmt: skip
     cells = []
     for values in itertools.product(*(options.axes[a.name] for a in axes)):
         for seed in options.seeds:
@@ -117,8 +118,9 @@ def _cells(study: Study, options: Options, cats: dict[str, list[str]]) -> list[d
 
 
 def _cell(axes: Sequence[Any], values: Sequence[Any], seed: int, root: str, cat: str) -> dict:
-    cell: dict[str, Any] = {"data": root, "categories": [cat], "seed": seed, "method": "fbft",
-                            "shots": "full", "changes": {}, "axes": {}}  # fmt: skip
+    cell: dict[str, Any] = {"data": root, "categories": [cat], "seed": seed,
+                            "method": DEFAULT_METHOD, "shots": "full", "changes": {},
+                            "axes": {}}  # fmt: skip
     for axis, value in zip(axes, values, strict=True):
         if axis.name in ("shots", "method"):
             cell[axis.name] = value

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fbft.detectors.registry import DEFAULT_METHOD
 from fbft.metrics.keys import OFFICIAL_PREFIX
 from fbft.study.options import Options
 from fbft.study.spec import Study
@@ -54,7 +55,7 @@ def collect(grid: Any, variant_axes: tuple[dict, ...]) -> Collected:
         setting = {**cell.get("axes", {}), **{k: v for k, v in config.items() if k != "trial"}}
         for i, shown in enumerate(variant_axes):
             prefix = f"v{i}/" if i else ""
-            row = {**setting, **shown, "method": cell.get("method", "fbft")}
+            row = {**setting, **shown, "method": cell.get("method", DEFAULT_METHOD)}
             row["categories"] = ",".join(cell.get("categories", []))
             if i:  # the fit's counters count once, on variant 0's row
                 found = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
@@ -115,8 +116,14 @@ def table(study: Study, options: Options, rows: list[dict[str, Any]]) -> tuple[s
         f"{options.protocol} AUPRO protocol"
         + (f" ({options.num_thresholds} thresholds)" if prefix else "")
         + f"; means over categories{spread}; host {socket.gethostname()}"
+        + (f"; baselines: {options.baseline_preset} preset" if _baselines(df) else "")
     )
     return "\n".join(lines) + f"\n\n({note})", mean.reset_index() if keys else mean
+
+
+def _baselines(df: Any) -> bool:
+    """Whether the table shows a method other than FBFT (its preset is then named under it)."""
+    return "method" in df and bool((df["method"] != DEFAULT_METHOD).any())
 
 
 def _varies(df: Any, key: str) -> bool:
@@ -242,13 +249,12 @@ def _register(client: Any, options: Options, study: Study, *, state: Any, uri: s
     )
     runs = client.search_runs(
         [client.get_run(state.parent_run_id).info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{state.parent_run_id}' "
-        "and tags.method = 'fbft'",
+        filter_string=f"tags.`mlflow.parentRunId` = '{state.parent_run_id}'",
         order_by=[f"metrics.`{metric}` DESC"],
         max_results=1,
     )
     if not runs:
-        print("--register: no FBFT child run with a model to register")
+        print("--register: no child run with a model to register")
         return
     best = runs[0].data.tags.get("fit_run", runs[0].info.run_id)
     mlflow.set_tracking_uri(uri)

@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fbft.detectors.registry import DEFAULT_METHOD
 from fbft.study import checks, report
 from fbft.study.checks import CheckError
 from fbft.study.options import Options
@@ -204,7 +205,7 @@ def _job(options: Options, plan: Plan, cache_root: Path) -> Any:
         data="",
         format=options.format,
         category="",
-        method="fbft",
+        method=DEFAULT_METHOD,
         config={},
         shots="full",
         seed=0,
@@ -218,4 +219,5 @@ def _job(options: Options, plan: Plan, cache_root: Path) -> Any:
         target_fpr=options.target_fpr,
         log_teacher=options.log_teacher,
         teacher_per_epoch=options.teacher_per_epoch,
+        baseline_preset=options.baseline_preset,
     )

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fbft.detectors.registry import DEFAULT_METHOD
 from fbft.study.job import Job, Outcome, run_job, variant_label
 from fbft.study.spec import layer_pair, show
 
@@ -69,7 +70,7 @@ class Cell:
         return cls(
             cell["data"],
             tuple(cell["categories"]),
-            cell.get("method", "fbft"),
+            cell.get("method", DEFAULT_METHOD),
             cell.get("shots", "full"),
             int(cell.get("seed", 0)),
             axes,
@@ -250,7 +251,7 @@ class _Runs:
         saved = outcome.detector.save(tmp / "detector.pt")
         if outcome.thresholds is not None:
             (tmp / "thresholds.json").write_text(outcome.thresholds.to_json())
-        if outcome.detector.method != "fbft" or prefix:
+        if prefix:  # a search trial's categories: the files only
             self.client.log_artifact(self.ids[0], str(saved), prefix.rstrip("/") or None)
             return
         import mlflow
