@@ -169,7 +169,12 @@ def load(
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    previous = mlflow.get_tracking_uri()
     try:
+        # MLflow 3 resolves runs:/ID/model (a logged model) through the global tracking URI,
+        # whatever tracking_uri says: point it there for the download only.
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
         folder = mlflow.artifacts.download_artifacts(
             artifact_uri=ref, tracking_uri=tracking_uri, registry_uri=tracking_uri
         )
@@ -179,6 +184,8 @@ def load(
             f"cannot fetch MLflow model {ref!r} from tracking server {where!r}: {err}. "
             "Check the URI and --tracking-uri / MLFLOW_TRACKING_URI."
         ) from err
+    finally:
+        mlflow.set_tracking_uri(previous)
     return load_artifacts(_artifacts_of(Path(folder)), device)
 
 
