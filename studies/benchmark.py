@@ -7,6 +7,7 @@ teacher pass per image serves every method: the feature cache is shared. With se
 ``--data`` roots, run the script once per dataset (one table each).
 """
 
+from fbft.detectors import methods
 from fbft.study import Axis, Study, main, method
 
 COLUMNS = {
@@ -24,7 +25,7 @@ STUDY = Study(
     name="benchmark",
     title="Main results: methods × input size (full training sets)",
     axes=(
-        Axis("method", "--methods", ("fbft", "patchcore", "spade"), "detectors to compare", method),
+        Axis("method", "--methods", methods(), "detectors to compare", method),
         Axis("image_size", "--sizes", (224, 1036), "teacher input sides in pixels", int),
     ),
     columns=COLUMNS,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from tiny import textures, tiny_config, with_defect
 
 from fbft import FBFT, FBFTConfig, preset
+from fbft.detectors.base import NotFittedError
 from fbft.detectors.fbft import load_official
 
 
@@ -57,15 +60,17 @@ def test_save_load_round_trip_gives_identical_maps(trained, tmp_path):
 
 
 def _resaved_with(model: FBFT, tmp_path, **changes) -> str:
-    """A saved file whose config names a teacher other than the one it was trained on."""
+    """A saved file whose teacher record builds a teacher other than the one it was trained on."""
     state = torch.load(model.save(tmp_path / "x.pt"), weights_only=True)
-    state["config"] = model.config.replace(**changes).to_json()
+    record = json.loads(state["teacher"])
+    record["config"].update(changes)
+    state["teacher"] = json.dumps(record)
     torch.save(state, tmp_path / "y.pt")
     return str(tmp_path / "y.pt")
 
 
 def test_load_rejects_other_formats_and_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no saved FBFT detector"):
+    with pytest.raises(FileNotFoundError, match="no saved detector"):
         FBFT.load(tmp_path / "missing.pt")
     torch.save({"format_version": 99}, tmp_path / "future.pt")
     with pytest.raises(ValueError, match="format version 99"):
@@ -78,7 +83,7 @@ def test_tokens_api_equals_images_api(trained):
     model = FBFT(tiny_config(epochs=2))
     model.fit_tokens(model.teacher.encode(train))
     expected = by_images.predict(test)[0]
-    got = model.predict_tokens(model.teacher.encode(test), [t.shape[:2] for t in test]).maps
+    got = model.predict_variants(model.teacher.encode(test), [t.shape[:2] for t in test])[0].maps
     assert all(np.array_equal(x, y) for x, y in zip(expected, got, strict=True))
 
 
@@ -130,8 +135,8 @@ def test_each_variant_equals_a_model_configured_with_it(trained):
 
 def test_describe_and_a_shared_teacher(trained):
     info = trained.describe()
-    assert info["method"] == FBFT.method == "fbft" and info["token_tier"] == "host"
-    assert info["teacher"] == trained.teacher.describe() and info["config"]["epochs"] == 15
+    assert info["method"] == FBFT.method == "fbft" and info["extra"]["token_tier"] == "host"
+    assert info["teacher"] == trained.teacher.describe() and info["settings"]["epochs"] == 15
     shared = FBFT(tiny_config(epochs=2, seed=3), teacher=trained.teacher)
     assert shared.teacher is trained.teacher
     with pytest.raises(ValueError, match="image_size"):
@@ -174,7 +179,7 @@ def test_errors_are_clear():
     model = FBFT(tiny_config())
     with pytest.raises(ValueError, match="at least one nominal training image"):
         model.fit([])
-    with pytest.raises(RuntimeError, match="not trained"):
+    with pytest.raises(NotFittedError, match="FBFT is not fitted"):
         model.predict(textures(1, seed=0))
     nan_tokens = [(torch.full((16, 48), float("nan")), torch.zeros(16, 48))]
     with pytest.raises(FloatingPointError, match="epoch 1"):

@@ -16,6 +16,8 @@ from tiny import TINY, textures, tiny_config, with_defect
 from fbft import FBFT
 from fbft.cli import main
 from fbft.data.common import read_image
+from fbft.detectors import PatchCore, PatchCoreConfig, create_detector, methods
+from fbft.detectors import load_detector as load_saved
 from fbft.serve.pyfunc import ModelReferenceError, load, load_detector, log_model
 from fbft.serve.thresholds import Thresholds
 
@@ -113,3 +115,54 @@ def test_importing_the_cli_and_serving_skips_mlflow_and_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("method", methods())
+def test_every_method_is_saved_loaded_served_and_predicted(method, store, tmp_path, monkeypatch):
+    """save -> load_detector -> MLflow pyfunc -> `fbft predict`, the same scores for each."""
+    detector = create_detector(method, tiny_config(epochs=2), preset="paper")
+    model_file = detector.fit(textures(4, seed=0)).save(tmp_path / f"{method}.pt")
+    paths = []
+    for i, image in enumerate(textures(2, seed=7, shape=(56, 70))):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    _, scores = detector.predict([read_image(p) for p in paths])
+    loaded = load_saved(model_file)
+    assert (
+        type(loaded) is type(detector)
+        and loaded.predict([read_image(p) for p in paths])[1] == scores
+    )
+    uri = log_model(model_file)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    out = pyfunc.predict(pd.DataFrame({"path": [str(p) for p in paths]}))
+    assert out["score"].tolist() == pytest.approx(scores, rel=1e-5)
+    assert pyfunc.metadata.metadata["method"] == method
+    for model in (str(model_file), uri):
+        folder = tmp_path / f"out-{len(model)}"
+        argv = ["predict", "--model", model, "--tracking-uri", store, "--out", str(folder)]
+        assert main([*argv, "--no-overlays", *map(str, paths)]) == 0
+        assert pd.read_csv(folder / "scores.csv")["score"].tolist() == pytest.approx(
+            scores, rel=1e-5
+        )
+
+
+def test_a_baseline_rebuilds_its_file_teacher_checked_by_sha256(tmp_path):
+    teacher = timm.create_model("vit_small_patch14_reg4_dinov2", num_classes=0, img_size=56, **TINY)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    config = tiny_config(weights=str(tmp_path / "teacher.pth"))
+    detector = create_detector("patchcore", config, preset="paper").fit(textures(3, seed=0))
+    model_file = detector.save(tmp_path / "patchcore.pt")
+    loaded = load_saved(model_file)
+    assert loaded.teacher.weights_source == "file"
+    assert loaded.teacher.weights_id == detector.teacher.weights_id
+    image = textures(1, seed=9)[0]
+    assert loaded.predict([image])[1] == detector.predict([image])[1]
+    torch.save({k: v + 1 for k, v in teacher.state_dict().items()}, tmp_path / "teacher.pth")
+    with pytest.raises(ValueError, match="teacher weights sha256:"):
+        load_saved(model_file)
+    tokens_only = PatchCore(PatchCoreConfig(device="cpu")).fit_tokens(
+        detector.teacher.encode([image])
+    )
+    with pytest.raises(ModelReferenceError, match="records no teacher"):
+        log_model(tokens_only.save(tmp_path / "tokens_only.pt"))

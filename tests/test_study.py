@@ -53,6 +53,16 @@ def run(workdir: Path, study: str, *flags: str, data: str = "data", experiment: 
     return main(load_study(study), argv)
 
 
+def uri_of(workdir: Path) -> str:
+    return f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def _kept(detector) -> dict:
+    """The settings a study sets beside the preset (device, seed)."""
+    names = ("device", "seed")
+    return {n: getattr(detector.config, n) for n in names if hasattr(detector.config, n)}
+
+
 def runs_of(workdir: Path, experiment: str):
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     exp = client.get_experiment_by_name(experiment)
@@ -161,7 +171,7 @@ def test_fbft_predict_on_a_trials_model_gives_the_saved_detectors_scores(workdir
     scores = pd.read_csv(out / "scores.csv")
     mlflow.set_tracking_uri(uri)
     folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{child.info.run_id}/model"))
-    saved = FBFT.load(next(folder.rglob("students.pt")))
+    saved = FBFT.load(next(folder.rglob("detector.pt")))
     paths = sorted(images.glob("*.png"))
     from fbft.data.common import read_image
 
@@ -254,7 +264,8 @@ def test_every_study_runs_on_tiny_settings(workdir, study, flags, runs, capsys):
     categories = ["--categories", "gravel"] if study != "search" else []
     flags = [f.format(workdir=workdir) for f in flags]
     assert run(workdir, study, *categories, *flags, experiment=study) == 0
-    assert "| " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| " in printed
     _, parents, children = runs_of(workdir, study)
     assert len(parents) == 1 and len(children) == runs
     if study == "search":  # both categories per trial (unless ASHA stopped it after the first)
@@ -270,6 +281,17 @@ def test_every_study_runs_on_tiny_settings(workdir, study, flags, runs, capsys):
         assert {c.data.tags["method"] for c in children} == {"fbft", "patchcore", "spade"}
         assert parents[0].data.metrics["teacher_passes"] == 5 + 6
         assert parents[0].data.metrics["student_fits"] == 1  # PatchCore and SPADE train none
+        # the baselines ran the published settings (the default preset), named under the table
+        assert "baselines: paper preset" in printed
+        assert parents[0].data.params["baseline_preset"] == "paper"
+        from fbft.serve.pyfunc import load
+
+        for child in children:  # every method's model is logged and loads as that method
+            detector, _ = load(f"runs:/{child.info.run_id}/model", tracking_uri=uri_of(workdir))
+            assert detector.method == child.data.tags["method"]
+            if detector.method != "fbft":
+                assert child.data.tags["baseline_preset"] == "paper"
+                assert detector.config == type(detector.config).preset("paper", **_kept(detector))
 
 
 @pytest.mark.parametrize(

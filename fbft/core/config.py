@@ -7,7 +7,9 @@ paper's text differs, the difference is an option (``lr``: 1e-4 in the code, 1e-
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,14 +20,27 @@ Blur = Literal["official", "none"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Normalize = Literal["imagenet", "backbone"]
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "loss": ("cosine", "l2"),
-    "distance": ("l2", "cosine"),
-    "fusion": ("product", "sum", "j", "k"),
-    "blur": ("official", "none"),
-    "precision": ("fp32", "bf16", "fp16"),
-    "normalize": ("imagenet", "backbone"),
-}
+
+@functools.cache
+def choices(cls: type) -> dict[str, tuple[Any, ...]]:
+    """Field name -> allowed values of every ``Literal``-typed field of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: typing.get_args(hints[f.name])
+        for f in dataclasses.fields(cls)
+        if typing.get_origin(hints[f.name]) is Literal
+    }
+
+
+def check_choices(config: Any) -> None:
+    """A clear error for a ``Literal`` field set to a value it does not allow."""
+    cls = type(config)
+    for name, allowed in choices(cls).items():
+        value = getattr(config, name)
+        if value not in allowed:
+            raise ValueError(
+                f"{cls.__name__}.{name}={value!r} is not one of {', '.join(map(str, allowed))}"
+            )
 
 
 @dataclass(frozen=True)
@@ -64,10 +79,7 @@ class FBFTConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(b) for b in self.layers))
         object.__setattr__(self, "backbone_kwargs", dict(self.backbone_kwargs))
-        for name, allowed in CHOICES.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"FBFTConfig.{name}={value!r} is not one of {', '.join(allowed)}")
+        check_choices(self)
         if len(self.layers) != 2:
             raise ValueError(
                 f"FBFTConfig.layers={self.layers!r}: give exactly two 1-indexed block numbers"

@@ -18,6 +18,10 @@ from fbft.metrics.score import TOP_FRACTION, image_score  # noqa: F401 - the map
 
 # The official approximate Gaussian blur: (box side, passes), applied in this order.
 OFFICIAL_BLUR = ((5, 5), (7, 3))
+# Blur modes: FBFT's operator, none, and PatchCore/SPADE's Gaussian (σ = 4 px, reflect padding,
+# scipy.ndimage.gaussian_filter's defaults: truncated at 4σ).
+BLURS = ("official", "none", "gaussian4")
+GAUSSIAN_SIGMA = 4.0
 
 
 def as_rgb(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -85,16 +89,22 @@ def _axis_operator(grid: int, side: int, blur_mode: str) -> torch.Tensor:
     Bilinear upsampling (align_corners=False) of a grid×grid map to side×side, then the
     official approximate Gaussian blur (5 passes of a 5×5 box mean, then 3 of a 7×7 box mean,
     zero padding, same size), are linear and separable, so the upsampled, blurred square map
-    is M·P·Mᵀ for a patch map P; cropping the padding away takes rows of M.
+    is M·P·Mᵀ for a patch map P; cropping the padding away takes rows of M. ``gaussian4`` (the
+    baselines' papers) is separable and linear too: scipy's 1-D Gaussian, reflect padding, on
+    the padded square before the crop.
     """
-    if blur_mode not in ("official", "none"):
-        raise ValueError(f"blur must be 'official' or 'none', got {blur_mode!r}")
+    if blur_mode not in BLURS:
+        raise ValueError(f"blur must be one of {', '.join(BLURS)}; got {blur_mode!r}")
     basis = torch.eye(grid, dtype=torch.float64)[None]  # one channel per grid cell
     x = F.interpolate(basis, size=side, mode="linear")  # (1, grid, side)
     if blur_mode == "official":
         for width, passes in OFFICIAL_BLUR:
             for _ in range(passes):
                 x = F.avg_pool1d(x, width, stride=1, padding=width // 2)
+    if blur_mode == "gaussian4":
+        from scipy.ndimage import gaussian_filter1d
+
+        x = torch.from_numpy(gaussian_filter1d(x.numpy(), GAUSSIAN_SIGMA, axis=-1, mode="reflect"))
     return x[0].T.contiguous()
 
 

@@ -117,7 +117,8 @@ class Teacher(nn.Module):
         self.patch_size, depth = check_backbone(backbone, self.backbone_kwargs)
         check_layers(self.layers, depth, backbone)
         check_image_size(self.image_size, self.patch_size, backbone)
-        self.model, self.weights_source, self.weights_id = _create(
+        self.seed = int(seed)
+        self.model, self.weights_source, self.weights_id, self.weights_file = _create(
             backbone, weights, self.image_size, self.backbone_kwargs, seed
         )
         self.embed_dim = int(self.model.embed_dim)
@@ -206,6 +207,20 @@ class Teacher(nn.Module):
             "normalize": self.normalize,
         }
 
+    def build_config(self) -> dict[str, Any]:
+        """The FBFTConfig teacher fields that rebuild this teacher (weights resolved: the file
+        it loaded, or ``"random"`` with its seed), so a saved detector can rebuild it."""
+        return {
+            "backbone": self.backbone,
+            "backbone_kwargs": self.backbone_kwargs,
+            "weights": self.weights_file or "random",
+            "teacher_seed": self.seed,
+            "image_size": self.image_size,
+            "layers": list(self.layers),
+            "precision": self.precision,
+            "normalize": self.normalize,
+        }
+
 
 def make_teacher(config: FBFTConfig) -> Teacher:
     """The teacher a config describes (on the CPU)."""
@@ -226,8 +241,8 @@ TeacherBatch = tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor, float]
 
 def _create(
     backbone: str, weights: str, image_size: int, kwargs: dict[str, Any], seed: int
-) -> tuple[nn.Module, str, str]:
-    """Build the timm model and load its weights; returns (model, source, weights id)."""
+) -> tuple[nn.Module, str, str, str | None]:
+    """Build the timm model and load its weights: (model, source, weights id, weights file)."""
     arch = {"img_size": image_size, **kwargs}
     resolved = resolve_weights(backbone, weights, seed)
     if resolved == "random":
@@ -235,7 +250,7 @@ def _create(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _timm_model(backbone, pretrained=False, **arch)
-        return model, "random", f"random:{backbone}[{arch_id}]:seed={seed}"
+        return model, "random", f"random:{backbone}[{arch_id}]:seed={seed}", None
     path = Path(resolved)
     try:
         model = _timm_model(
@@ -249,7 +264,8 @@ def _create(
             "weights='auto' or weights='random'."
         ) from err
     in_cache = weights in ("auto", "hub") or _under(path, _hub_cache())
-    return model, "hub-cache" if in_cache else "file", f"sha256:{file_sha256(path)}"
+    source = "hub-cache" if in_cache else "file"
+    return model, source, f"sha256:{file_sha256(path)}", str(path.resolve())
 
 
 def _hub_cache() -> Path:

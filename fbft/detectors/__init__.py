@@ -11,12 +11,21 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fbft.detectors.registry import build, detector_class, methods, register_detector
+from fbft.detectors.registry import (
+    DEFAULT_METHOD,
+    build,
+    create_detector,
+    detector_class,
+    load_detector,
+    methods,
+    register_detector,
+)
 
 _LAZY = {
     "FBFT": "fbft.detectors.fbft",
     "load_official": "fbft.detectors.fbft",
     "BankConfig": "fbft.detectors.bank",
+    "NotFittedError": "fbft.detectors.base",
     "patch_features": "fbft.detectors.bank",
     "greedy_coreset": "fbft.detectors.neighbours",
     "knn": "fbft.detectors.neighbours",
@@ -26,7 +35,10 @@ _LAZY = {
     "SPADEConfig": "fbft.detectors.spade",
 }
 
-__all__ = [*_LAZY, "build", "detector_class", "methods", "register_detector"]
+__all__ = [
+    *_LAZY, "DEFAULT_METHOD", "build", "create_detector", "detector_class", "load_detector",
+    "methods", "register_detector",
+]  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

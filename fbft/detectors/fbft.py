@@ -8,11 +8,9 @@ inference-side variants (fusion, distance, blur) asked for.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,31 +23,27 @@ from fbft.core.device import chunks, flushed_denormals, resolve_device, sync
 from fbft.core.students import Students, load_official_students, transfer_loss
 from fbft.core.teacher import Teacher, TeacherBatch, make_teacher
 from fbft.core.tokens import Tier, TokenStore, release_free_memory
-from fbft.detectors.base import (
-    INFERENCE_FIELDS,
-    Prediction,
-    TokenPair,
-    Variant,
-    load_state,
-    save_state,
-)
+from fbft.detectors.base import INFERENCE_FIELDS, BaseDetector, Prediction, TokenPair, Variant
 from fbft.detectors.registry import register_detector
+from fbft.detectors.saved import SavedDetector
 
-FORMAT_VERSION = 1
-Tokens = tuple[torch.Tensor, torch.Tensor]
 # Teacher settings a shared teacher must have to serve a config.
 TEACHER_FIELDS = ("backbone", "backbone_kwargs", "image_size", "layers", "precision", "normalize")
 
 
 @register_detector("fbft")
-class FBFT:
+class FBFT(BaseDetector):
     """Forward–Backward Feature Transfer anomaly detector.
 
     >>> model = FBFT(FBFTConfig(...)).fit(train_images)
     >>> maps, scores = model.predict(test_images)
 
     A ``teacher`` built elsewhere may be shared (it must match the config's teacher settings).
+    Entry points: ``fit`` (images) / ``fit_tokens``; ``predict`` / ``predict_detailed`` (images)
+    and ``predict_variants`` (tokens); ``save`` / ``load`` (:class:`BaseDetector`).
     """
+
+    teacher: Teacher
 
     def __init__(self, config: FBFTConfig | None = None, teacher: Teacher | None = None) -> None:
         self.config = config or FBFTConfig()
@@ -67,32 +61,34 @@ class FBFT:
         self.token_tier: Tier | None = None
 
     @classmethod
-    def from_fbft_config(cls, config: FBFTConfig, teacher: Teacher) -> FBFT:
-        """The detector a study trial builds from its config and shared teacher."""
+    def from_fbft_config(
+        cls, config: FBFTConfig, teacher: Teacher, preset: str | None = None
+    ) -> FBFT:
+        """The detector a study trial builds from its config and shared teacher (``preset``
+        names a baseline preset: it does not apply to FBFT)."""
         return cls(config, teacher=teacher)
+
+    @property
+    def batch_size(self) -> int:  # type: ignore[override]
+        return self.config.batch_size
+
+    @property
+    def fitted(self) -> bool:
+        return self.students is not None
 
     @property
     def teacher_weights(self) -> str:
         """Where the teacher weights came from: hub, hub-cache, file or random."""
         return self.teacher.weights_source
 
-    def teacher_tokens(self, images: Iterable[np.ndarray]) -> list[Tokens]:
-        """One teacher pass per image: (f_j, f_k) of shape (N, D) per image, on the CPU."""
-        return self.teacher.encode(images, self.config.batch_size)
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-able identity: method, settings, teacher identity, token tier of the last fit."""
-        return {
-            "method": self.method,
-            "config": self.config.to_dict(),
-            "teacher": self.teacher.describe(),
-            "token_tier": self.token_tier,
-        }
-
     # -------------------------------------------------------------------- train
-    def fit(self, images: Iterable[np.ndarray]) -> FBFT:
+    def fit(self, images: Iterable[np.ndarray], teacher_per_epoch: bool = False) -> FBFT:
         """Train both students on nominal images (each goes through the teacher once, its
-        tokens streamed into a bounded store)."""
+        tokens streamed into a bounded store). ``teacher_per_epoch=True`` is the official
+        training loop, kept to measure its cost (the paper's Table 10): the teacher runs again
+        on every batch of every epoch; batches, their order and the arithmetic are the same."""
+        if teacher_per_epoch:
+            return self._train(_TeacherEveryBatch(self.teacher, list(images)))
         with TokenStore(self.device, self.config.max_token_gb) as store:
             for _, f_j, f_k, _ in self.teacher.batches(images, self.config.batch_size):
                 for a, b in zip(f_j, f_k, strict=True):
@@ -106,12 +102,6 @@ class FBFT:
             _check_pair(f_j, f_k, self.teacher.embed_dim)
         with TokenStore.of(tokens, self.device, self.config.max_token_gb) as store:
             return self._train(store)
-
-    def fit_per_epoch(self, images: Sequence[np.ndarray]) -> FBFT:
-        """The official training loop, kept to measure its cost (the paper's Table 10): the
-        teacher runs again on every batch of every epoch instead of once per image. Batches,
-        their order and the students' arithmetic are those of :meth:`fit`."""
-        return self._train(_TeacherEveryBatch(self.teacher, images))
 
     def _train(self, store: TokenStore | _TeacherEveryBatch) -> FBFT:
         cfg = self.config
@@ -148,21 +138,6 @@ class FBFT:
         return self
 
     # ------------------------------------------------------------------ predict
-    def predict(self, images: Iterable[np.ndarray]) -> tuple[list[np.ndarray], list[float]]:
-        """Anomaly maps at each image's original H×W (float32) and image scores."""
-        pred = self.predict_detailed(images)
-        return pred.maps, pred.scores
-
-    def predict_detailed(self, images: Iterable[np.ndarray]) -> Prediction:
-        """Like :meth:`predict`, with seconds per stage (teacher, students, maps)."""
-        return self._predict(self.teacher.batches(images, self.config.batch_size), ({},))[0]
-
-    def predict_tokens(
-        self, tokens: Sequence[TokenPair], sizes: Sequence[tuple[int, int]]
-    ) -> Prediction:
-        """Like :meth:`predict_detailed` from precomputed tokens and the images' (H, W)."""
-        return self.predict_variants(tokens, sizes)[0]
-
     def predict_variants(
         self,
         tokens: Sequence[TokenPair],
@@ -172,6 +147,7 @@ class FBFT:
         """One :class:`Prediction` per variant (a dict over fusion, distance, blur overriding
         the config), the students run once per batch. Each prediction's ``seconds`` carry the
         shared students' time and its own maps' time."""
+        self.check_fitted("predict")
         if len(tokens) != len(sizes):
             raise ValueError(f"got {len(tokens)} token pairs but {len(sizes)} image sizes")
         return self._predict(self._token_batches(tokens, sizes), variants)
@@ -187,7 +163,7 @@ class FBFT:
                 torch.stack([_tensor(p[side]) for p in pairs]).to(self.device, torch.float32)
                 for side in (0, 1)
             )
-            yield [tuple(sizes[i]) for _, i in chunk], f_j, f_k, 0.0
+            yield [tuple(sizes[i]) for _, i in chunk], f_j, f_k, 0.0  # type: ignore[misc]
 
     @torch.no_grad()
     def _predict(
@@ -195,13 +171,12 @@ class FBFT:
     ) -> list[Prediction]:
         """The one batching loop of prediction: students once per batch, each distance's
         discrepancies once, then fusion + blur per variant."""
-        if self.students is None:
-            raise RuntimeError("the students are not trained: call fit() (or FBFT.load) first")
+        assert self.students is not None
         settings = [self._variant(v) for v in variants]
-        out = [Prediction(seconds={"teacher": 0.0, "students": 0.0, "maps": 0.0}) for _ in settings]
+        out = [Prediction(seconds={"students": 0.0, "maps": 0.0}) for _ in settings]
         grid = self.teacher.grid
         with flushed_denormals():
-            for sizes, f_j, f_k, teacher_s in batches:
+            for sizes, f_j, f_k, _ in batches:
                 start = time.perf_counter()
                 pred_j, pred_k = self.students(f_j, f_k)
                 deltas = {
@@ -219,7 +194,6 @@ class FBFT:
                         pred.maps.append(full.cpu().numpy())
                     sync(self.device)
                     pred.seconds["maps"] += time.perf_counter() - start
-                    pred.seconds["teacher"] += teacher_s
                     pred.seconds["students"] += students_s
                 release_free_memory()  # transient buffers: keep peak RSS flat in the images
         return out
@@ -234,41 +208,32 @@ class FBFT:
         checked = self.config.replace(**variant)  # validates the values
         return {name: getattr(checked, name) for name in INFERENCE_FIELDS}
 
-    # -------------------------------------------------------------- save / load
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Save the students' weights with the JSON config, teacher identity and format version."""
-        if self.students is None:
-            raise RuntimeError("nothing to save: the students are not trained (call fit first)")
-        state = {
-            "format_version": FORMAT_VERSION,
-            "config": self.config.to_json(),
-            "teacher": json.dumps(self.teacher.describe()),
-            "students": {k: v.detach().cpu() for k, v in self.students.state_dict().items()},
-            "history": list(self.history),
-        }
-        return save_state(state, path)
+    # ------------------------------------------------------ the shared contract
+    def _settings(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        assert self.students is not None
+        return dict(self.students.state_dict())
+
+    def _extra(self) -> dict[str, Any]:
+        return {"history": list(self.history), "token_tier": self.token_tier}
 
     @classmethod
-    def load(
-        cls, path: str | os.PathLike[str], device: str | None = None, weights: str | None = None
+    def _from_saved(
+        cls, saved: SavedDetector, where: str, device: str | None, weights: str | None
     ) -> FBFT:
-        """Load a saved detector; ``device``/``weights`` override where it runs and where the
-        teacher weights come from (they must be the same weights the students were trained on)."""
-        state = load_state(path, "FBFT", FORMAT_VERSION)
-        config = FBFTConfig.from_dict(json.loads(state["config"]))
+        """The students on the rebuilt teacher they were trained with (checked by identity)."""
+        config = FBFTConfig.from_dict(saved.settings)
         overrides = {k: v for k, v in (("device", device), ("weights", weights)) if v is not None}
-        model = cls(config.replace(**overrides))
-        saved_teacher = json.loads(state["teacher"])
-        if saved_teacher["weights"] != model.teacher.weights_id:
-            raise ValueError(
-                f"{path}: the students were trained with teacher weights {saved_teacher['weights']}"
-                f" but the teacher now loads {model.teacher.weights_id}; pass weights=... pointing"
-                " at the same weights"
-            )
+        config = config.replace(**overrides)
+        teacher = cls._rebuild_teacher(saved, where, config.device, weights)
+        model = cls(config, teacher=teacher)
         students = Students(model.teacher.embed_dim, config.student_width)
-        students.load_state_dict(state["students"])
+        students.load_state_dict(saved.state)
         model.students = students.to(model.device).eval()
-        model.history = list(state.get("history", []))
+        model.history = list(saved.extra.get("history", []))
+        model.token_tier = saved.extra.get("token_tier")
         return model
 
 
@@ -287,7 +252,8 @@ def load_official(
 
 
 class _TeacherEveryBatch:
-    """A token source for :meth:`FBFT.fit_per_epoch`: each batch is a fresh teacher pass."""
+    """The token source of ``FBFT.fit(images, teacher_per_epoch=True)``: each batch is a fresh
+    teacher pass."""
 
     tier = "teacher-per-epoch"
 

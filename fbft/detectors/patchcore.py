@@ -1,15 +1,17 @@
 """PatchCore (Roth et al., CVPR 2022) on FBFT's teacher tokens, for the paper's Table 6.
 
-Memory bank = every nominal patch feature (see :mod:`fbft.detectors.bank`), subsampled by
-greedy k-center (the approximate variant of the paper: selection on a seeded Gaussian random
-projection to ``projection_dim`` dims, exact when ``projection_dim`` is None or ≥ the feature
-width; no selection at ``coreset_ratio=1``). Patch score = euclidean distance to the nearest
-bank entry. No 3×3 neighbourhood aggregation: ViT tokens are already contextualised.
+Memory bank = every nominal patch feature (see :mod:`fbft.detectors.bank`; ``patch_size=3``
+averages each token over its 3×3 neighbourhood first, as the official code's ``patchsize=3``),
+subsampled by greedy k-center (the approximate variant of the paper: selection on a seeded
+Gaussian random projection to ``projection_dim`` dims, exact when ``projection_dim`` is None or
+≥ the feature width; no selection at ``coreset_ratio=1``). Patch score = euclidean distance to
+the nearest bank entry.
 
-Image score (``Prediction.scores``) as PatchCore defines it (and anomalib computes it): the
-largest patch score s* = ‖m_test* − m*‖, reweighted by w = 1 − softmax(‖m_test* − m‖ over
-m ∈ N_b(m*))[m*], N_b(m*) the ``neighbours`` bank entries nearest to m* (m* included). The
-maps go through FBFT's own post-processing (upsample to the padded square, blur, crop).
+Image score (``Prediction.scores``): ``scorer="max"`` the largest patch score (the official
+code's released configs, ``--anomaly_scorer_num_nn 1``); ``"reweighted"`` the paper's eq. 7 (as
+anomalib computes it): s* = ‖m_test* − m*‖ reweighted by w = 1 − softmax(‖m_test* − m‖ over
+m ∈ N_b(m*))[m*], N_b(m*) the ``neighbours`` bank entries nearest to m* (m* included). Maps:
+upsample to the padded square, ``blur``, crop (:func:`fbft.core.maps.anomaly_map`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -29,11 +32,19 @@ from fbft.detectors.registry import register_detector
 @dataclass(frozen=True)
 class PatchCoreConfig(BankConfig):
     """``coreset_ratio``: bank fraction kept; ``projection_dim``: width of the random projection
-    the coreset is selected on (None = exact greedy on full features); ``neighbours``: b of the
-    image-score reweighting (1 = plain max); ``seed``: projection and first coreset centre."""
+    the coreset is selected on (None = exact greedy on full features); ``patch_size``: 1 or 3
+    (local aggregation); ``scorer``: ``max`` or ``reweighted`` (eq. 7 with ``neighbours`` = b);
+    ``seed``: projection and first coreset centre."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": dict(patch_size=3, normalize=False, scorer="max", blur="gaussian4"),
+        "fbft-maps": dict(patch_size=1, normalize=True, scorer="reweighted", blur="official"),
+    }
 
     coreset_ratio: float = 0.1
     projection_dim: int | None = 128
+    patch_size: Literal[1, 3] = 1
+    scorer: Literal["max", "reweighted"] = "reweighted"
     neighbours: int = 9
     seed: int = 0
 
@@ -54,12 +65,8 @@ class PatchCore(BankDetector):
     config_class = PatchCoreConfig
     config: PatchCoreConfig
 
-    def __init__(self, config: PatchCoreConfig | None = None, teacher: dict | None = None) -> None:
-        super().__init__(config, teacher)
-        self.bank = torch.empty(0)
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {"bank": self.bank}
+    def _patch_size(self) -> int:
+        return self.config.patch_size
 
     def _fit(self, tokens: Sequence[TokenPair]) -> None:
         cfg = self.config
@@ -67,16 +74,16 @@ class PatchCore(BankDetector):
         total = sum(counts)
         size = min(total, max(1, math.ceil(cfg.coreset_ratio * total)))
         if size == total:
-            self.bank = self._all_features(tokens, total, project=False)[0]
+            self.memory.bank = self._all_features(tokens, total, project=False)[0]
             return
         reduced, projected = self._all_features(tokens, total, project=True)
         start = int(torch.randint(total, (1,), generator=torch.Generator().manual_seed(cfg.seed)))
         chosen = greedy_coreset(reduced, size, start, cfg.chunk)
         if projected:
             del reduced
-            self.bank = self._gather(tokens, chosen.cpu(), counts)
+            self.memory.bank = self._gather(tokens, chosen.cpu(), counts)
         else:
-            self.bank = reduced[chosen]
+            self.memory.bank = reduced[chosen]
 
     def _all_features(
         self, tokens: Sequence[TokenPair], total: int, project: bool
@@ -116,10 +123,11 @@ class PatchCore(BankDetector):
     def _image_score(
         self, feats: torch.Tensor, patch: torch.Tensor, nearest: torch.Tensor
     ) -> float:
-        """PatchCore's reweighted maximum (paper eq. 7, anomalib's computation)."""
+        """The largest patch score, reweighted (paper eq. 7, anomalib's computation) unless
+        ``scorer="max"`` (or b = 1)."""
         b = min(self.config.neighbours, self.bank.shape[0])
         top = int(patch.argmax())
-        if b == 1:
+        if b == 1 or self.config.scorer == "max":
             return float(patch[top])
         m_star = self.bank[nearest[top]].to(torch.float32)
         _, support = knn(m_star[None], self.bank, b, self.config.chunk)

@@ -8,6 +8,7 @@ detectors; a class is imported the first time its method is used.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,6 +19,9 @@ _BUILTIN = {
     "spade": "fbft.detectors.spade:SPADE",
 }
 _REGISTRY: dict[str, type] = {}
+DEFAULT_METHOD = "fbft"  # what a study trial runs unless it varies the method
+# The baselines' named presets: the published methods, or the maps FBFT's table used to show.
+BASELINE_PRESETS = ("paper", "fbft-maps")
 
 
 def register_detector(name: str) -> Callable[[type], type]:
@@ -50,14 +54,37 @@ def detector_class(method: str) -> type:
     return _REGISTRY[method]
 
 
-def build(method: str, config: Mapping[str, Any]) -> tuple[Any, Any]:
-    """A detector of ``method`` and its teacher, from the FBFTConfig fields in ``config`` (the
-    baselines read the same teacher tokens and share the map settings: blur, seed, device)."""
+def create_detector(method: str, config: Any = None, preset: str | None = None) -> Any:
+    """A detector of ``method`` on the teacher that ``config`` (an FBFTConfig or a mapping of
+    its fields: teacher, map settings, seed, device) describes; ``preset`` names a baseline
+    preset (``paper``, ``fbft-maps``; None = FBFT's own map settings)."""
     from fbft.core.config import FBFTConfig
     from fbft.core.device import resolve_device
     from fbft.core.teacher import make_teacher
 
     cls = detector_class(method)
-    cfg = FBFTConfig.from_dict(dict(config))
+    cfg = config if isinstance(config, FBFTConfig) else FBFTConfig.from_dict(dict(config or {}))
     teacher = make_teacher(cfg).to(resolve_device(cfg.device))
-    return cls.from_fbft_config(cfg, teacher), teacher
+    return cls.from_fbft_config(cfg, teacher, preset)
+
+
+def build(method: str, config: Mapping[str, Any], preset: str | None = None) -> tuple[Any, Any]:
+    """A detector of ``method`` and its teacher (what a study job needs: the baselines read the
+    same teacher tokens)."""
+    detector = create_detector(method, config, preset)
+    return detector, detector.teacher
+
+
+def saved_method(path: str | os.PathLike[str]) -> str:
+    """The method a saved detector file records (files before format 2: FBFT's)."""
+    from fbft.detectors.saved import read_detector
+
+    return read_detector(path).method
+
+
+def load_detector(
+    path: str | os.PathLike[str], device: str | None = None, weights: str | None = None
+) -> Any:
+    """Any saved detector, by the method its file records; ``device`` overrides where it runs,
+    ``weights`` where its teacher's weights come from (checked against the recorded ones)."""
+    return detector_class(saved_method(path)).load(path, device=device, weights=weights)

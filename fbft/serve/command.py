@@ -41,7 +41,8 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument(
         "--model",
         required=True,
-        help="saved FBFT file, MLflow model folder, or MLflow URI (runs:/ID/model, models:/NAME/V)",
+        help="saved detector file (any method), MLflow model folder, or MLflow URI "
+        "(runs:/ID/model, models:/NAME/V)",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument(

@@ -1,19 +1,19 @@
-"""A saved FBFT detector as an MLflow pyfunc model, and loading a detector from a file or a URI.
+"""A saved detector (any registered method) as an MLflow pyfunc model, and loading a detector
+from a file or a URI.
 
-The model's artifacts are the saved detector (``students.pt``), optionally ``thresholds.json``
+The model's artifacts are the saved detector (``detector.pt``), optionally ``thresholds.json``
 and, only with ``log_teacher=True``, the teacher's weights file. Otherwise the teacher is
 referenced, not copied: the saved file names the teacher (a random-init teacher is rebuilt from
 its seed; a file teacher is read from its recorded path, checked by SHA-256 at load).
-Requirements are pinned to this environment and the fbft code travels with the model
-(``code_paths``), so loading installs nothing and works offline.
+The model is MLflow's models-from-code: its code is :mod:`fbft.serve.model_code`, given by path
+(nothing is pickled). Requirements are pinned to this environment and the fbft code travels
+with the model (``code_paths``), so loading installs nothing and works offline.
 
 mlflow and torch are imported on first use: ``import fbft.serve.pyfunc`` is cheap.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import shutil
 import tempfile
@@ -27,46 +27,23 @@ from fbft.serve.thresholds import Thresholds
 if TYPE_CHECKING:
     import pandas as pd
 
-    from fbft.detectors.fbft import FBFT
+    from fbft.detectors.base import BaseDetector
 
 DETECTOR, THRESHOLDS, TEACHER = "detector", "thresholds", "teacher_weights"
 REQUIREMENTS = ("mlflow", "torch", "timm", "numpy", "pandas", "pillow", "scipy", "tqdm")
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the fbft package travels with the model
+MODEL_CODE = Path(__file__).resolve().with_name("model_code.py")  # MLflow models-from-code
 
 
 class ModelReferenceError(FileNotFoundError):
     """A model file, folder or MLflow URI that cannot be found or read."""
 
 
-@functools.cache
-def _python_model_class() -> type:
-    """The pyfunc class, built on first use so that importing this module skips mlflow."""
-    import mlflow.pyfunc
-
-    class FBFTPyfunc(mlflow.pyfunc.PythonModel):
-        """DataFrame with a ``path`` column -> DataFrame(path, score[, decision])."""
-
-        def load_context(self, context: Any) -> None:
-            self.detector, self.thresholds = _load_artifacts(
-                context.artifacts, os.environ.get("FBFT_DEVICE", "auto")
-            )
-
-        def predict(self, context: Any, model_input: Any, params: Any = None) -> pd.DataFrame:
-            return score_frame(self.detector, model_input, self.thresholds)
-
-    FBFTPyfunc.__module__, FBFTPyfunc.__qualname__ = __name__, "FBFTPyfunc"
-    return FBFTPyfunc
-
-
-def __getattr__(name: str) -> Any:
-    # cloudpickle stores FBFTPyfunc by reference (fbft.serve.pyfunc.FBFTPyfunc); resolve it lazily.
-    if name == "FBFTPyfunc":
-        return _python_model_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def score_frame(
-    detector: FBFT, frame: pd.DataFrame, thresholds: Thresholds | None = None, batch_size: int = 16
+    detector: BaseDetector,
+    frame: pd.DataFrame,
+    thresholds: Thresholds | None = None,
+    batch_size: int = 16,
 ) -> pd.DataFrame:
     """Scores of the images named in ``frame["path"]`` (maps are computed and dropped)."""
     import pandas as pd
@@ -120,11 +97,9 @@ def log_model(
     import mlflow
 
     model_file = Path(model_file)
-    if not model_file.is_file():
-        raise ModelReferenceError(f"no saved FBFT model at {str(model_file)!r}")
     teacher = _teacher_reference(model_file, teacher_weights_file)
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = {DETECTOR: str(shutil.copyfile(model_file, Path(tmp) / "students.pt"))}
+        artifacts = {DETECTOR: str(shutil.copyfile(model_file, Path(tmp) / "detector.pt"))}
         if thresholds is not None:
             if not isinstance(thresholds, Thresholds):
                 thresholds = Thresholds.load(thresholds)
@@ -141,26 +116,33 @@ def log_model(
         with nullcontext(active) if active else mlflow.start_run() as run:
             mlflow.pyfunc.log_model(
                 name=name,
-                python_model=_python_model_class()(),
+                python_model=str(MODEL_CODE),
                 artifacts=artifacts,
                 signature=signature(thresholds is not None),
                 pip_requirements=requirements(),
                 code_paths=[str(PACKAGE_DIR)],
-                metadata={"teacher": teacher},
+                metadata={"method": teacher.pop("method"), "teacher": teacher},
             )
     return f"runs:/{run.info.run_id}/{name}"
 
 
 def _teacher_reference(model_file: Path, weights_file: str | os.PathLike[str] | None) -> dict:
-    """Teacher identity from the saved file's header, plus where its weights file lives."""
-    import torch
+    """The method and teacher identity from the saved file's header, plus where the teacher's
+    weights file lives; a detector that records no teacher cannot score images."""
+    from fbft.detectors.saved import read_detector
 
     try:
-        state = torch.load(model_file, map_location="cpu", weights_only=True)
-        ref = {"identity": json.loads(state["teacher"])}
-        configured = json.loads(state["config"]).get("weights")
-    except (KeyError, TypeError, ValueError, RuntimeError):  # a newer file layout: best effort
-        ref, configured = {}, None
+        saved = read_detector(model_file)
+    except (FileNotFoundError, ValueError) as err:
+        raise ModelReferenceError(str(err)) from err
+    record = saved.teacher or {}
+    if not record.get("config"):
+        raise ModelReferenceError(
+            f"{model_file}: the {saved.method} detector records no teacher to read images with "
+            "(fitted on tokens alone); fit it with a teacher (fbft.detectors.create_detector)"
+        )
+    ref = {"method": saved.method, "identity": record["identity"]}
+    configured = record["config"].get("weights")
     if weights_file is None and configured not in (None, "auto", "hub", "random"):
         weights_file = configured
     if weights_file is not None:
@@ -170,24 +152,29 @@ def _teacher_reference(model_file: Path, weights_file: str | os.PathLike[str] | 
 
 def load(
     uri_or_path: str | os.PathLike[str], device: str | None = None, tracking_uri: str | None = None
-) -> tuple[FBFT, Thresholds | None]:
+) -> tuple[BaseDetector, Thresholds | None]:
     """The detector and its thresholds (None when not logged) from a saved file, a local MLflow
     model folder, or an MLflow URI (``runs:/ID/model``, ``models:/NAME/VERSION``, ...)."""
     ref = str(uri_or_path)
     local = Path(ref).expanduser()
     if local.is_file():
-        return _load_artifacts({DETECTOR: str(local)}, device)
+        return load_artifacts({DETECTOR: str(local)}, device)
     if local.is_dir():
-        return _load_artifacts(_artifacts_of(local), device)
+        return load_artifacts(_artifacts_of(local), device)
     if ":" not in ref or len(ref.split(":", 1)[0]) < 2:  # no scheme (or a Windows drive)
         raise ModelReferenceError(
-            f"no saved FBFT model at {ref!r}: not a file, folder or MLflow URI "
+            f"no saved detector at {ref!r}: not a file, folder or MLflow URI "
             "(runs:/RUN_ID/model, models:/NAME/VERSION)"
         )
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    previous = mlflow.get_tracking_uri()
     try:
+        # MLflow 3 resolves runs:/ID/model (a logged model) through the global tracking URI,
+        # whatever tracking_uri says: point it there for the download only.
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
         folder = mlflow.artifacts.download_artifacts(
             artifact_uri=ref, tracking_uri=tracking_uri, registry_uri=tracking_uri
         )
@@ -197,12 +184,14 @@ def load(
             f"cannot fetch MLflow model {ref!r} from tracking server {where!r}: {err}. "
             "Check the URI and --tracking-uri / MLFLOW_TRACKING_URI."
         ) from err
-    return _load_artifacts(_artifacts_of(Path(folder)), device)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return load_artifacts(_artifacts_of(Path(folder)), device)
 
 
 def load_detector(
     uri_or_path: str | os.PathLike[str], device: str | None = None, tracking_uri: str | None = None
-) -> FBFT:
+) -> BaseDetector:
     """The detector alone; see :func:`load`."""
     return load(uri_or_path, device, tracking_uri)[0]
 
@@ -217,17 +206,19 @@ def _artifacts_of(folder: Path) -> dict[str, str]:
         raise ModelReferenceError(f"{folder} is not an MLflow pyfunc model folder") from err
     entries = conf.get("artifacts", {})
     if DETECTOR not in entries:
-        raise ModelReferenceError(f"{folder}: the MLflow model has no FBFT detector artifact")
+        raise ModelReferenceError(f"{folder}: the MLflow model has no fbft detector artifact")
     return {key: str(folder / entry["path"]) for key, entry in entries.items()}
 
 
-def _load_artifacts(
+def load_artifacts(
     artifacts: dict[str, str], device: str | None
-) -> tuple[FBFT, Thresholds | None]:
-    from fbft.detectors.fbft import FBFT
+) -> tuple[BaseDetector, Thresholds | None]:
+    """The detector (any registered method, by the method its file records) and thresholds
+    of a pyfunc model's artifacts."""
+    from fbft.detectors.registry import load_detector as load_saved
 
     try:
-        detector = FBFT.load(artifacts[DETECTOR], device=device, weights=artifacts.get(TEACHER))
+        detector = load_saved(artifacts[DETECTOR], device=device, weights=artifacts.get(TEACHER))
         found = artifacts.get(THRESHOLDS)
         return detector, Thresholds.load(found) if found else None
     except (FileNotFoundError, ValueError) as err:

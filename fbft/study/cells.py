@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fbft.detectors.registry import DEFAULT_METHOD
 from fbft.study.spec import layer_pair, show
 
 CELL_KEY = "trial"  # the Tune config entry holding the cell
@@ -27,7 +28,7 @@ class Cell:
 
     data: str
     categories: tuple[str, ...]
-    method: str = "fbft"
+    method: str = DEFAULT_METHOD
     shots: int | str = "full"
     seed: int = 0
     changes: Mapping[str, Any] = field(default_factory=dict)

@@ -36,6 +36,7 @@ class JobSettings:
     target_fpr: float = 0.01
     log_teacher: bool = False
     teacher_per_epoch: bool = False
+    baseline_preset: str | None = "paper"  # PatchCore/SPADE settings; None = FBFT's map settings
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,12 @@ def run_job(job: Job, out: Path) -> Outcome:
     """Fit once, evaluate every variant; figures go to ``out/<variant index>/``."""
     from fbft.cache.features import FeatureCache
     from fbft.data import open_dataset
-    from fbft.detectors.registry import build
+    from fbft.detectors.registry import DEFAULT_METHOD, build
 
     train_all = open_dataset(job.data, job.category, "train", job.settings.format)
     test = open_dataset(job.data, job.category, "test", job.settings.format)
     train, calibration = training_subset(job, train_all)
-    detector, teacher = build(job.method, job.config)
+    detector, teacher = build(job.method, job.config, job.settings.baseline_preset)
     cache = None
     if job.settings.cache_dir:
         cache = FeatureCache(
@@ -102,9 +103,11 @@ def run_job(job: Job, out: Path) -> Outcome:
             max_gb=job.settings.cache_max_gb,
         )
     source = _TokenSource(teacher, cache, int(job.config.get("batch_size", 4)))
-    if job.settings.teacher_per_epoch and job.method == "fbft":  # the official loop, to time it
+    if (
+        job.settings.teacher_per_epoch and job.method == DEFAULT_METHOD
+    ):  # the official loop, to time it
         start = time.perf_counter()
-        detector.fit_per_epoch([s.image for s in train])
+        detector.fit([s.image for s in train], teacher_per_epoch=True)
         fit_seconds = time.perf_counter() - start
     else:
         tokens = source.of(train)
@@ -142,6 +145,11 @@ def run_job(job: Job, out: Path) -> Outcome:
             "token_tier": str(getattr(detector, "token_tier", "n/a")),
             "teacher_weights": teacher.weights_source,
             "device": str(teacher.device),
+            **(
+                {"baseline_preset": str(job.settings.baseline_preset)}
+                if job.method != DEFAULT_METHOD
+                else {}
+            ),
         },
     )
     if thresholds is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fbft.core.config import PRESETS
+from fbft.detectors.registry import BASELINE_PRESETS
 from fbft.metrics.keys import official_keys, score_keys
 from fbft.study.spec import Study, layer_pair
 
@@ -52,6 +53,7 @@ class Options:
     seeds: tuple[int, ...] = (0,)
     nested: bool = False
     teacher_per_epoch: bool = False
+    baseline_preset: str = "paper"
     protocol: str = "official"
     num_thresholds: int = 99
     tracking_uri: str | None = None
@@ -160,6 +162,11 @@ def build_parser(study: Study) -> argparse.ArgumentParser:
     g.add_argument("--teacher-per-epoch", action="store_true",
                    help="train FBFT with the official loop (teacher re-run on every batch of "
                    "every epoch, no cache) to measure its training time (Table 10)")  # fmt: skip
+    g.add_argument("--baseline-preset", default="paper", choices=BASELINE_PRESETS,
+                   help="PatchCore/SPADE settings: paper = the published methods (3x3 "
+                   "aggregation, raw features, max score, Gaussian σ=4 maps; SPADE a map per "
+                   "block), fbft-maps = normalised tokens, FBFT's map blur, PatchCore's eq. 7 "
+                   "score")  # fmt: skip
     g = p.add_argument_group("metrics")
     g.add_argument(
         "--protocol",

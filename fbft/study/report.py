@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fbft.detectors.registry import DEFAULT_METHOD
 from fbft.metrics.keys import OFFICIAL_PREFIX
 from fbft.study.cells import Cell
 from fbft.study.options import Options
@@ -120,10 +121,16 @@ def table(study: Study, options: Options, rows: list[dict[str, Any]]) -> tuple[s
         f"{options.protocol} AUPRO protocol"
         + (f" ({options.num_thresholds} thresholds)" if prefix else "")
         + f"; means over categories{spread}; host {socket.gethostname()}"
+        + (f"; baselines: {options.baseline_preset} preset" if _baselines(df) else "")
     )
     for col in columns:  # for the summary plot's error bars (NaN with one seed)
         mean[f"{col}_std"] = std[col]
     return "\n".join(lines) + f"\n\n({note})", mean.reset_index() if keys else mean
+
+
+def _baselines(df: Any) -> bool:
+    """Whether the table shows a method other than FBFT (its preset is then named under it)."""
+    return "method" in df and bool((df["method"] != DEFAULT_METHOD).any())
 
 
 def _varies(df: Any, key: str) -> bool:

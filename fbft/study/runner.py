@@ -216,4 +216,5 @@ def _job_settings(options: Options, plan: Plan, cache_root: Path) -> Any:
         target_fpr=options.target_fpr,
         log_teacher=options.log_teacher,
         teacher_per_epoch=options.teacher_per_epoch,
+        baseline_preset=options.baseline_preset,
     )

@@ -13,10 +13,10 @@ from typing import Any
 
 from fbft.core.config import FBFTConfig
 from fbft.detectors.base import INFERENCE_FIELDS
+from fbft.detectors.registry import methods
 
 # Trial settings that are not FBFTConfig fields.
 TRIAL_KEYS = ("shots", "method")
-METHODS = ("fbft", "patchcore", "spade")
 HEADLINE = {
     "i_auroc": "I-AUROC",
     "aupro_30": "AUPRO@30%",
@@ -54,9 +54,9 @@ def shots(text: str) -> int | str:
 
 
 def method(text: str) -> str:
-    """A detector: ``fbft``, ``patchcore`` or ``spade``."""
-    if text not in METHODS:
-        raise argparse.ArgumentTypeError(f"method {text!r}: choose {', '.join(METHODS)}")
+    """A registered detector method (``fbft``, ``patchcore``, ``spade``, ...)."""
+    if text not in methods():
+        raise argparse.ArgumentTypeError(f"method {text!r}: choose {', '.join(methods())}")
     return text
 
 

@@ -227,7 +227,7 @@ class _Runs:
         saved = outcome.detector.save(tmp / "detector.pt")
         if outcome.thresholds is not None:
             (tmp / "thresholds.json").write_text(outcome.thresholds.to_json())
-        if outcome.detector.method != "fbft" or prefix:
+        if prefix:  # a search trial's categories: the files only
             self.client.log_artifact(self.ids[0], str(saved), prefix.rstrip("/") or None)
             return
         import mlflow
