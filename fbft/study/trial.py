@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from fbft.study import node
 from fbft.study.job import Job, Outcome, run_job, variant_label
+from fbft.study.shipped import Shipped, data_on_node, node_cache_root, weights_on_node
 from fbft.study.spec import layer_pair, show
 
 ERROR_TAG = "error"
@@ -43,6 +45,7 @@ class Context:
     job: Job  # the settings every job shares (data, cache, metrics); per-trial fields replaced
     tags: dict[str, str]
     metric: str | None = None
+    shipped: Shipped | None = None  # weights and data resolved on the driver, with checksums
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,12 @@ def run_trial(config: dict[str, Any], context: Context) -> None:
         return
     runs.reraise_known_failure()
     runs.start()
+    gpu_ids = node.granted_gpus()
+    runs.tag(node.device_tags(gpu_ids))
     done, totals = 0, [{} for _ in context.job.variants]
     try:
+        node.check_gpu(gpu_ids)
+        context = _on_node(context, gpu_ids)
         for done, category in enumerate(cell.categories, start=1):
             outcome = _run_category(category, cell, context, runs)
             means = _accumulate(totals, outcome)
@@ -111,11 +118,28 @@ def run_trial(config: dict[str, Any], context: Context) -> None:
     runs.finish()
 
 
+def _on_node(context: Context, gpu_ids: list[str]) -> Context:
+    """The context with this node's files: the shipped weights (checksum verified), the
+    node's own cache folder when none was given, ``device=cuda`` where a GPU was granted."""
+    base = node.device_config(context.base_config, gpu_ids)
+    job, shipped = context.job, context.shipped
+    if shipped is not None:
+        local = weights_on_node(shipped)
+        if local is not None:
+            base = {**base, "weights": local}
+        if shipped.cache_root is None and job.cache_dir:
+            job = replace(job, cache_dir=str(node_cache_root(shipped) / "features"))
+    return replace(context, base_config=base, job=job)
+
+
 def _run_category(category: str, cell: Cell, context: Context, runs: _Runs) -> Outcome:
     config = {**context.base_config, **cell.changes, "progress": False}
+    data = cell.data
+    if context.shipped is not None:
+        data = data_on_node(context.shipped, cell.data, category)
     job = replace(
         context.job,
-        data=cell.data,
+        data=data,
         category=category,
         method=cell.method,
         config=config,
@@ -214,6 +238,15 @@ class _Runs:
                     **({"fit_run": self.ids[0]} if i else {}),
                 },
             )
+
+    def tag(self, tags: dict[str, str]) -> None:
+        from fbft.study import tracking
+
+        shipped = self.context.shipped
+        if shipped is not None and shipped.weights_sha256:
+            tags = {**tags, "teacher_weights_sha256": shipped.weights_sha256}
+        for run_id in self.ids:
+            tracking.set_tags(self.client, run_id, tags)
 
     def finished_metrics(self) -> dict[str, float]:
         from fbft.study import tracking
