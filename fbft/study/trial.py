@@ -101,6 +101,7 @@ def run_trial(config: dict[str, Any], context: Context) -> None:
     try:
         node.check_gpu(gpu_ids)
         context = _on_node(context, gpu_ids)
+        runs.tag({"teacher_weights_file": str(context.base_config.get("weights"))})
         for done, category in enumerate(cell.categories, start=1):
             outcome = _run_category(category, cell, context, runs)
             means = _accumulate(totals, outcome)
