@@ -210,3 +210,44 @@ def _kill_one_trial(session: int, study: subprocess.Popen, log: Path) -> bool:
                 return True
         time.sleep(0.5)
     return False
+
+
+def test_synthetic_benchmark_regenerated_on_a_node_without_it_has_the_drivers_checksum(tmp_path):
+    from fbft.study.plan import ensure_synthetic
+    from fbft.study.shipped import Shipped, ShippedFileError, data_on_node, tree_sha256
+
+    params = {"image_size": 64, "n_train": 2, "n_test": 3, "seed": 0}
+    driver = tmp_path / "driver" / "synthetic" / "v1-seed0"
+    ensure_synthetic(driver, ["gravel"], params, progress=False)
+    expected = tree_sha256(driver / "gravel")
+    shipped = Shipped(cache_root=str(tmp_path / "node"), synthetic_root=str(driver),
+                      synthetic={"gravel": expected}, synthetic_params=params)  # fmt: skip
+    assert data_on_node(shipped, str(driver), "gravel") == str(driver)  # seen here: in place
+    shutil.rmtree(tmp_path / "driver")  # a node that cannot see the driver's folder
+    local = Path(data_on_node(shipped, str(driver), "gravel"))
+    assert local == tmp_path / "node" / "synthetic" / "v1-seed0"
+    assert tree_sha256(local / "gravel") == expected
+    image = next((local / "gravel" / "train").rglob("*.png"))
+    image.write_bytes(image.read_bytes()[:-1])  # a node whose copy differs
+    with pytest.raises(ShippedFileError, match="differs from the driver's"):
+        data_on_node(shipped, str(driver), "gravel")
+
+
+def test_failed_trials_are_told_as_one_line_per_cause():
+    from fbft.study.endings import causes
+
+    oom = (
+        "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on "
+        "memory.\nMemory on the node (IP: 10.0.0.7, ID: 4a7f) where the task (actor ID: 9c, "
+        "name=ImplicitFunc.__init__, pid=811) was running was 29.5GB / 30.9GB (0.95), which "
+        "exceeds the memory usage threshold of 0.95."
+    )
+    cuda = "GpuUnusable: CUDA unusable on node gpu-1 (10.0.0.8): Ray granted GPU ids 0 but ..."
+    failures = [("a", oom), ("b", cuda), ("c", oom)]
+    lines = causes(failures, 3)
+    assert lines == [
+        "2 trial(s) killed by Ray's memory monitor on node 10.0.0.7: lower --max-concurrent or "
+        "raise the node's memory",
+        f"1 trial(s) failed: {cuda}",
+    ]
+    assert causes(failures, 3, infrastructure=True) == lines[:1]
