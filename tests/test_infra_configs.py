@@ -532,3 +532,85 @@ def test_documented_study_flags_exist():
     assert result.returncode == 0, result.stderr[-2000:]
     unknown = {f for f in few_shot_flags_in_docs() if f not in result.stdout}
     assert not unknown, f"studies/few_shot.py --help does not list {sorted(unknown)}"
+
+
+# --- MLflow on Kubernetes (infra/k8s/mlflow): what the RayJob's --tracking-uri reaches
+
+K8S_MLFLOW = K8S / "mlflow"
+
+
+def mlflow_k8s_docs() -> list[dict]:
+    paths = sorted(p for p in K8S_MLFLOW.glob("*.yaml") if p.name != "kustomization.yaml")
+    return [doc for path in paths for doc in load_yaml_all(path)]
+
+
+def _tracking_uri_of_rayjob() -> str:
+    words = shlex.split(only("RayJob")["spec"]["entrypoint"])
+    return words[words.index("--tracking-uri") + 1]
+
+
+def test_rayjob_tracking_uri_reaches_the_authenticated_proxy_of_the_k8s_mlflow_server():
+    """host mlflow.mlflow.svc:5000 -> Service `mlflow` (namespace `mlflow`) -> nginx with basic
+    auth -> MLflow on the pod's loopback, backed by PostgreSQL and an artifacts volume."""
+    uri = urlparse(_tracking_uri_of_rayjob())
+    service, namespace = uri.hostname.split(".")[:2]
+    docs = mlflow_k8s_docs()
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {("Deployment", "mlflow"), ("Service", service), ("Deployment", "postgres")} <= kinds
+    assert sum(d["kind"] == "PersistentVolumeClaim" for d in docs) >= 1
+    assert "Secret" not in {d["kind"] for d in docs}, "Secrets are created by hand"
+    assert load_yaml(K8S_MLFLOW / "kustomization.yaml")["namespace"] == namespace
+    (svc,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == service]
+    (port,) = [p for p in svc["spec"]["ports"] if p["port"] == uri.port]
+    (deploy,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow"]
+    pod = deploy["spec"]["template"]["spec"]
+    assert (
+        svc["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    )
+    (proxy,) = [c for c in pod["containers"] if any(
+        p.get("name") == port["targetPort"] for p in c.get("ports", []))]  # fmt: skip
+    assert "nginx" in proxy["image"]
+    (conf,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    text = next(iter(conf["data"].values()))
+    (listen,) = [p["containerPort"] for p in proxy["ports"] if p["name"] == port["targetPort"]]
+    assert re.search(rf"listen\s+{listen};", text)
+    assert re.search(r"^\s*auth_basic\s+\"[^\"]+\";", text, re.MULTILINE)
+    assert re.search(r"^\s*auth_basic_user_file\s+\S+;", text, re.MULTILINE)
+    for location, body in re.findall(r"location\s+([^{]+)\{([^}]*)\}", text):
+        if "auth_basic off" in body:
+            assert location.strip() == "= /health"
+    (server,) = [c for c in pod["containers"] if c.get("command", [])[:2] == ["mlflow", "server"]]
+    args = server["command"]
+    host, mlflow_port = args[args.index("--host") + 1], args[args.index("--port") + 1]
+    assert host == "127.0.0.1", "MLflow must be reachable only through the proxy"
+    assert f"proxy_pass http://127.0.0.1:{mlflow_port};" in text
+    assert "--serve-artifacts" in args and args[args.index("--backend-store-uri") + 1].startswith(
+        "postgresql://"
+    )
+    import mlflow.cli
+
+    params = mlflow.cli.server.make_context("server", args[2:]).params  # the installed parser
+    assert urlparse(params["backend_store_uri"]).password is None
+    assert uri.hostname in params["allowed_hosts"].split(",") or f"{uri.hostname}:{uri.port}" in (
+        params["allowed_hosts"].split(",")
+    )
+
+
+def test_k8s_mlflow_credentials_only_from_secret_refs():
+    for doc in mlflow_k8s_docs():
+        for _, key, value in walk(doc):
+            if key != "env":
+                continue
+            for var in value:
+                if SECRET_NAME.search(var["name"]):
+                    assert "value" not in var and "secretKeyRef" in var["valueFrom"], var
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_k8s_mlflow_kustomize_build_offline():
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(K8S_MLFLOW)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert {d["metadata"]["namespace"] for d in yaml.safe_load_all(result.stdout) if d and
+            d["kind"] != "Namespace"} == {"mlflow"}  # fmt: skip

@@ -31,7 +31,8 @@ def _runs(tmp_path: Path, experiment: str):
     return parents, children
 
 
-def test_interrupted_study_exits_130_and_resumes_without_duplicates(tmp_path):
+def test_study_stopped_by_sigterm_leaves_no_running_run_and_resumes_without_duplicates(tmp_path):
+    """SIGTERM (Kubernetes, Slurm) takes the SIGINT path: exit 143, runs KILLED, resumable."""
     generate(tmp_path / "data", categories=["gravel", "parts"], image_size=80, n_train=5, n_test=6)
     argv = _argv("--shots", "1", "2", "3", "4", *tiny_flags(epochs=60), "--experiment", "resume")
     log = tmp_path / "first.log"
@@ -41,18 +42,24 @@ def test_interrupted_study_exits_130_and_resumes_without_duplicates(tmp_path):
         while "finished (" not in log.read_text() and time.time() < deadline:
             assert first.poll() is None, log.read_text()[-3000:]
             time.sleep(0.2)
-        first.send_signal(signal.SIGINT)
-        assert first.wait(timeout=120) == 130
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 143
     text = log.read_text()
-    assert "interrupted" in text and "--resume few-shot-" in text
-    parents, _ = _runs(tmp_path, "resume")
-    assert len(parents) == 1 and parents[0].info.status != "FINISHED"
+    assert "interrupted" in text and "--resume few-shot-" in text and "Traceback" not in text
+    parents, children = _runs(tmp_path, "resume")
+    assert len(parents) == 1 and parents[0].info.status == "KILLED"
+    assert children and not [r for r in children if r.info.status == "RUNNING"]
+    done = int(text.split(" finished (")[0].rsplit("[fbft] ", 1)[1].split("/")[0])
 
     second = subprocess.run(
         [*argv, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400
     )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming" in second.stdout and "| shots |" in second.stdout
+    already = int(
+        second.stdout.split(" trials already done")[0].rsplit("[fbft] ", 1)[1].split("/")[0]
+    )
+    assert already >= done  # counted from the trials already done, not from 0
     parents, children = _runs(tmp_path, "resume")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.metrics["trials_done"] == 8 and len(children) == 8

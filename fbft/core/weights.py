@@ -94,7 +94,7 @@ def resolve_weights(backbone: str, weights: str = "auto", seed: int = 0) -> str:
                 "(Meta DINOv2 .pth, timm .pth/.bin or .safetensors), or weights='hub' | 'auto' | "
                 "'random'"
             )
-        return str(path)
+        return str(path.resolve())  # absolute: a trial runs in another working directory
     cached = cached_hub_file(backbone)
     if cached is not None:
         return str(cached)

@@ -56,20 +56,17 @@ def categories(roots: list[str], options: Options) -> dict[str, list[str]]:
 
 
 def resources(options: Options, cluster: dict[str, float], remote: bool) -> None:
-    """A trial that asks for more than the cluster has would wait forever: refuse (local) or
-    warn (a remote cluster may scale up)."""
-    wants = {"CPU": options.cpus_per_trial, "GPU": options.gpus_per_trial or 0.0}
-    flags = {"CPU": "--cpus-per-trial", "GPU": "--gpus-per-trial"}
-    for kind, amount in wants.items():
-        have = float(cluster.get(kind, 0.0))
-        if amount > have:
-            text = (
-                f"{flags[kind]} {amount:g}: the Ray cluster has {have:g} {kind}(s) in all, so "
-                "no trial could start"
-            )
-            if not remote:
-                raise CheckError(f"{text}; ask for at most {have:g}")
-            print(f"warning: {text} unless the cluster scales up", flush=True)
+    """A trial that asks for more CPUs than the cluster has would wait forever: refuse (local)
+    or warn (a remote cluster may scale up). GPUs: :mod:`fbft.study.cluster`."""
+    have = float(cluster.get("CPU", 0.0))
+    if options.cpus_per_trial > have:
+        text = (
+            f"--cpus-per-trial {options.cpus_per_trial:g}: the Ray cluster has {have:g} CPU(s) "
+            "in all, so no trial could start"
+        )
+        if not remote:
+            raise CheckError(f"{text}; ask for at most {have:g}")
+        print(f"warning: {text} unless the cluster scales up", flush=True)
 
 
 def detector_inputs(study: Study, options: Options, base: FBFTConfig) -> int:

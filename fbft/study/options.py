@@ -30,6 +30,7 @@ RUNTIME_ONLY = (
     "register",
     "tracking_uri",
     "storage",
+    "max_failures",
 )
 
 
@@ -71,6 +72,7 @@ class Options:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float | None = None
     max_concurrent: int | None = None
+    max_failures: int = 3
     pictures: int = 4
     verbose: bool = False
     num_samples: int = 20
@@ -228,6 +230,13 @@ def build_parser(study: Study) -> argparse.ArgumentParser:
         help="fractional allowed (default: 1 when the cluster has GPUs)",
     )
     g.add_argument("--max-concurrent", type=int, help="trials at a time (default: as resources)")
+    g.add_argument(
+        "--max-failures",
+        type=int,
+        default=3,
+        help="retries of a trial after an infrastructure failure (a lost node or worker, "
+        "Ray's memory monitor); a deterministic error fails at once",
+    )
     g.add_argument("--verbose", action="store_true", help="show Ray's and Tune's own logs")
     if study.search is not None:
         g = p.add_argument_group("search")
@@ -245,6 +254,8 @@ def parse(study: Study, argv: Sequence[str]) -> Options:
     ns = vars(p.parse_args(list(argv)))
     if ns["cpus_per_trial"] <= 0 or (ns["gpus_per_trial"] or 0) < 0:
         p.error("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    if ns["max_failures"] < 0:
+        p.error("--max-failures must be >= 0")
     if ns["num_thresholds"] < 2:
         p.error("--num-thresholds must be at least 2")
     if ns["pictures"] < 0:

@@ -44,6 +44,7 @@ class Plan:
     cells: tuple[Cell, ...]
     variants: tuple[dict[str, Any], ...]
     variant_axes: tuple[dict[str, str], ...]
+    gpus_per_trial: float = 0.0  # asked of Ray by each trial (GPU intent, kept on --resume)
 
 
 def plan_data(study: Study, options: Options, cache_root: Path) -> DataPlan:
@@ -60,24 +61,26 @@ def plan_data(study: Study, options: Options, cache_root: Path) -> DataPlan:
                 f"unknown categories {unknown} in the synthetic benchmark; known: "
                 f"{', '.join(CATEGORIES)}"
             )
-        _ensure_synthetic(Path(roots[0]), list(options.categories or CATEGORIES))
+        ensure_synthetic(Path(roots[0]), list(options.categories or CATEGORIES), SYNTHETIC)
     return DataPlan(tuple(roots), synthetic, checks.categories(roots, options))
 
 
 def with_cluster(
-    study: Study, options: Options, data: DataPlan, resources: dict, address: Any
+    study: Study,
+    options: Options,
+    data: DataPlan,
+    resources: dict,
+    address: Any,
+    saved: dict[str, Any] | None = None,
 ) -> Plan:
-    """Preset by the cluster's GPUs, the base config with weights resolved, checked inputs."""
+    """Preset and GPUs per trial by intent (:mod:`fbft.study.cluster`; ``saved``: the ones a
+    resumed study started with), the base config with weights resolved, checked inputs."""
     from fbft.core.teacher import resolve_weights
+    from fbft.study.cluster import capacity, decide
 
     checks.resources(options, resources, remote=bool(address))
-    gpus = float(resources.get("GPU", 0))
-    if options.preset != "auto":
-        preset, reason = options.preset, f"--preset {options.preset}"
-    elif gpus > 0:
-        preset, reason = "paper", f"{gpus:g} GPU(s) in the Ray cluster"
-    else:
-        preset, reason = "cpu", "no GPU in the Ray cluster"
+    intent = decide(options, capacity(resources), remote=bool(address), saved=saved)
+    preset, reason = intent.preset, intent.reason
     try:
         base = FBFTConfig(**{**PRESETS[preset], **options.config_changes()})
         base = base.replace(weights=resolve_weights(base.backbone, base.weights))
@@ -98,6 +101,7 @@ def with_cluster(
         cells=_cells(study, options, data.categories),
         variants=variants,
         variant_axes=tuple({k: show(v) for k, v in v.items()} for v in variants),
+        gpus_per_trial=intent.gpus_per_trial,
     )
 
 
@@ -151,15 +155,18 @@ def _data_roots(options: Options, cache_root: Path) -> tuple[list[str], bool]:
     return [str(root)], True
 
 
-def _ensure_synthetic(root: Path, cats: list[str]) -> None:
-    """One folder per category, made once, linked into ``root`` (only the categories asked)."""
+def ensure_synthetic(
+    root: Path, cats: list[str], params: dict[str, Any], progress: bool = True
+) -> None:
+    """One folder per category, made once, linked into ``root`` (only the categories asked);
+    also how a worker node regenerates the driver's benchmark from its seed."""
     from fbft.data.synthetic import generate
 
     for cat in cats:
         link = root / cat
         if link.exists():
             continue
-        part = generate(root / ".categories" / cat, categories=[cat], progress=True, **SYNTHETIC)
+        part = generate(root / ".categories" / cat, categories=[cat], progress=progress, **params)
         link.parent.mkdir(parents=True, exist_ok=True)
         tmp = root / f".{cat}.{uuid.uuid4().hex[:6]}"
         tmp.symlink_to(part / cat, target_is_directory=True)
@@ -184,7 +191,8 @@ def banner(study: Study, options: Options, plan: Plan, uri: str, cache_root: Pat
         note = f"  <- CPU preset: smaller {' and '.join(smaller)}"
     lines = [
         f"== {study.title} ==",
-        f"preset      {plan.preset} ({plan.preset_reason}){note}",
+        f"preset      {plan.preset} ({plan.preset_reason}), {plan.gpus_per_trial:g} GPU(s) per "
+        f"trial{note}",
         f"teacher     {teacher}, blocks {base.layers[0]} and {base.layers[1]}, weights {weights}",
         f"students    {base.epochs} epochs, lr {base.lr:g}, batch {base.batch_size} images, "
         f"loss {base.loss}",

@@ -54,16 +54,33 @@ def describe(config: dict) -> str:
 
 
 class Progress(tune.Callback):
-    """Prints a line when a trial starts, finishes or fails: counts, elapsed time, and an ETA
-    from the work done so far (each trial weighted by training images × epochs + test images)."""
+    """Prints a line when a trial starts, finishes, fails or is retried: counts (a resumed study
+    counts the trials already done), the time of this invocation, and an ETA: the remaining
+    work (each trial weighted by training images × epochs + test images) at the seconds per
+    unit of work measured on this invocation's trials, divided by the trials running at once.
+    """
 
     def __init__(self, total: int, weights: Sequence[float] = ()) -> None:
         self.total = total
         self.weights = list(weights)
+        self._reset()
+
+    def _reset(self) -> None:
         self.start = time.time()
         self.done_work = 0.0
         self.ended: set[str] = set()
         self.started: set[str] = set()
+        self.retried: set[str] = set()
+        self.began: dict[str, float] = {}
+        self.busy = 0.0  # trial-seconds of the trials finished in this invocation
+        self.busy_work = 0.0  # their work
+        self.slots = 1  # most trials seen running at once
+        self.resumed: int | None = None  # trials already ended when this invocation began
+
+    def setup(self, **info) -> None:
+        """Called at the start of every invocation (a restored Tuner carries the pickled
+        callback): the clock and the counts start again."""
+        self._reset()
 
     def _weight(self, trial) -> float:
         index = Cell.of(trial.config).index
@@ -71,10 +88,31 @@ class Progress(tune.Callback):
             return self.weights[index]
         return 1.0
 
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if self.resumed is None:  # first step: trials a resumed study already ended
+            self.resumed = 0
+            for trial in trials:
+                if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self.ended:
+                    self.ended.add(trial.trial_id)
+                    self.done_work += self._weight(trial)
+                    self.resumed += 1
+            if self.resumed:
+                print(f"[fbft] {self.resumed}/{self.total} trials already done", flush=True)
+        running = sum(t.status == "RUNNING" for t in trials)
+        self.slots = max(self.slots, running)
+
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.began.setdefault(trial.trial_id, time.time())
         if trial.trial_id not in self.started:  # a retry is not a new start
             self.started.add(trial.trial_id)
             print(f"[fbft] start: {describe(trial.config)}", flush=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self.retried.add(trial.trial_id)
+        print(
+            f"[fbft] retry ({len(self.retried)} retried so far): {describe(trial.config)}",
+            flush=True,
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._line(trials, trial, "done")
@@ -82,22 +120,33 @@ class Progress(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._line(trials, trial, "FAILED")
 
+    def eta(self) -> float:
+        """Seconds left: remaining work × seconds per unit of work ÷ trials at once."""
+        total_work = sum(self.weights) if len(self.weights) == self.total else float(self.total)
+        left = max(0.0, total_work - self.done_work)
+        if self.busy_work <= 0:
+            return float("nan")
+        return left * (self.busy / self.busy_work) / max(1, self.slots)
+
     def _line(self, trials, trial, what: str) -> None:
         if trial.trial_id in self.ended:
             return
         self.ended.add(trial.trial_id)
-        self.done_work += self._weight(trial)
+        weight = self._weight(trial) if self.weights else 1.0
+        self.done_work += weight
+        if trial.trial_id in self.began:
+            self.busy += time.time() - self.began[trial.trial_id]
+            self.busy_work += weight
         status = [t.status for t in trials if t is not trial]  # this one is not updated yet
         failed = status.count("ERROR") + (what == "FAILED")
-        finished = len(self.ended)
-        elapsed = time.time() - self.start
-        total_work = sum(self.weights) if len(self.weights) == self.total else self.total
-        left = max(0.0, total_work - self.done_work) if self.weights else self.total - finished
-        eta = duration(elapsed / max(self.done_work, 1e-9) * left)
+        running = status.count("RUNNING")
+        self.slots = max(self.slots, running + 1)
+        eta = self.eta()
+        retried = f", {len(self.retried)} retried" if self.retried else ""
         line = (
-            f"[fbft] {finished}/{self.total} finished ({failed} failed, "
-            f"{status.count('RUNNING')} running) · {duration(elapsed)} elapsed · ETA {eta} · "
-            f"{what}: {describe(trial.config)}"
+            f"[fbft] {len(self.ended)}/{self.total} finished ({failed} failed{retried}, "
+            f"{running} running) · {duration(time.time() - self.start)} elapsed · "
+            f"ETA {duration(eta) if eta == eta else '?'} · {what}: {describe(trial.config)}"
         )
         if what == "FAILED" and trial.error_file:
             line += f"\n        {_error_line(trial.error_file)}"

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fbft.study import checks, report
+from fbft.study import checks, endings, report
 from fbft.study.cells import CELL_KEY, varying_axes
 from fbft.study.checks import CheckError
 from fbft.study.options import Options
@@ -40,6 +40,7 @@ def run(study: Study, options: Options) -> int:
     from fbft.cache.features import default_cache_dir
     from fbft.study import tracking
     from fbft.study.progress import Progress, quiet_ray, work_weights
+    from fbft.study.shipped import ship
     from fbft.study.trial import Context, run_trial
 
     started = time.time()
@@ -73,7 +74,8 @@ def run(study: Study, options: Options) -> int:
             ) from None
     phases["time/ray_start_seconds"] = time.time() - mark
     mark = time.time()
-    plan = with_cluster(study, options, data, ray.cluster_resources(), options.address)
+    saved = state.resources if state is not None else None
+    plan = with_cluster(study, options, data, ray.cluster_resources(), options.address, saved)
     phases["time/checks_seconds"] = time.time() - mark
     experiment = options.experiment or f"fbft-{study.name}"
     if state is None:
@@ -99,6 +101,11 @@ def run(study: Study, options: Options) -> int:
             resume_command=resume_cmd,
             options=options.comparable(),
             started=started,
+            resources={
+                "preset": plan.preset,
+                "reason": plan.preset_reason,
+                "gpus_per_trial": plan.gpus_per_trial,
+            },
         )
         state.write(storage)
     else:
@@ -121,12 +128,11 @@ def run(study: Study, options: Options) -> int:
         tags={"preset": plan.preset, "study": study.name},
         metric=options.metric if study.search else None,
         varying=varying_axes(plan.cells),
+        shipped=ship(plan, cache_root, cache_given=bool(options.cache_dir)),
     )
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    per_trial = options.gpus_per_trial if options.gpus_per_trial is not None else min(1.0, gpus)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, context=context),
-        {"cpu": options.cpus_per_trial, "gpu": per_trial},
+        {"cpu": options.cpus_per_trial, "gpu": plan.gpus_per_trial},
     )
     path = f"{storage}/{name}"
     total = options.num_samples if study.search else len(plan.cells)
@@ -139,19 +145,34 @@ def run(study: Study, options: Options) -> int:
             study, options, plan, trainable, storage=storage, name=name, progress=progress
         )
     mark = time.time()
-    try:
-        grid = tuner.fit()
-    except KeyboardInterrupt:
-        grid = None
+    client.update_run(state.parent_run_id, "RUNNING")  # reopened by a --resume
+    with endings.sigterm_as_sigint() as stop:
+        try:
+            grid = tuner.fit()
+        except KeyboardInterrupt:
+            grid = None
+        except Exception as err:  # Ray/Tune: the trials' causes, the resume command, no RUNNING
+            lines = endings.crash_lines(
+                err, endings.saved_failures(path, trainable), options.max_failures
+            )
+            print("\nerror: " + "\n       ".join(lines), file=sys.stderr, flush=True)
+            endings.close_children(client, state.parent_run_id)
+            endings.close_parent(client, state.parent_run_id, "FAILED", lines[0])
+            print(f"the study is saved in {path}\nresume with: {state.resume_command}", flush=True)
+            return 1
     phases["time/trials_seconds"] = time.time() - mark
+    endings.close_children(client, state.parent_run_id)
     outcome = report.collect(grid, plan.variant_axes)
+    for line in endings.causes(outcome.failures, options.max_failures, infrastructure=True):
+        print(f"[fbft] {line}", flush=True)
     if outcome.finished + len(outcome.failures) < total:
         print(
             f"\ninterrupted: {outcome.finished + len(outcome.failures)} of {total} trials "
             f"finished; the study is saved in {path}\nresume with: {state.resume_command}",
             flush=True,
         )
-        return 130
+        endings.close_parent(client, state.parent_run_id, "KILLED", "interrupted")
+        return stop.exit_code
     return report.summarise(
         study, options, outcome, state=state, path=path, started=started, uri=uri, phases=phases
     )
@@ -174,7 +195,7 @@ def _tuner(
         storage_path=storage,
         callbacks=[progress],
         verbose=0,
-        failure_config=tune.FailureConfig(max_failures=1),
+        failure_config=tune.FailureConfig(max_failures=options.max_failures),
     )
     if study.search is not None:
         from ray.tune.schedulers import ASHAScheduler

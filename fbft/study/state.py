@@ -5,7 +5,7 @@ refuses, naming what changed."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ class StudyState:
     resume_command: str
     options: dict[str, Any]
     started: float
+    # preset, its reason and GPUs per trial as decided at the start (--resume keeps them)
+    resources: dict[str, Any] = field(default_factory=dict)
 
     def write(self, storage: str) -> None:
         fs, root = _fs(storage)

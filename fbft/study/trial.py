@@ -13,14 +13,16 @@ import socket
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fbft.study import node
 from fbft.study.cells import Cell
 from fbft.study.job import Job, JobSettings, Outcome, run_job, variant_label
+from fbft.study.shipped import Shipped, data_on_node, node_cache_root, weights_on_node
 from fbft.study.spec import show
 
 ERROR_TAG = "error"
@@ -45,6 +47,7 @@ class Context:
     tags: dict[str, str]
     metric: str | None = None
     varying: tuple[str, ...] = ()  # axes with more than one value in the study (run names)
+    shipped: Shipped | None = None  # weights and data resolved on the driver, with checksums
 
 
 def run_trial(config: dict[str, Any], context: Context) -> None:
@@ -62,8 +65,13 @@ def run_trial(config: dict[str, Any], context: Context) -> None:
         return
     runs.reraise_known_failure()
     runs.start()
+    gpu_ids = node.granted_gpus()
+    runs.tag(node.device_tags(gpu_ids))
     done, totals = 0, [{} for _ in context.settings.variants]
     try:
+        node.check_gpu(gpu_ids)
+        context = _on_node(context, gpu_ids)
+        runs.tag({"teacher_weights_file": str(context.base_config.get("weights"))})
         for done, category in enumerate(cell.categories, start=1):
             outcome = _run_category(category, cell, context, runs)
             means = _accumulate(totals, outcome)
@@ -81,9 +89,26 @@ def run_trial(config: dict[str, Any], context: Context) -> None:
     runs.finish()
 
 
+def _on_node(context: Context, gpu_ids: list[str]) -> Context:
+    """The context with this node's files: the shipped weights (checksum verified), the
+    node's own cache folder when none was given, ``device=cuda`` where a GPU was granted."""
+    base = node.device_config(context.base_config, gpu_ids)
+    settings, shipped = context.settings, context.shipped
+    if shipped is not None:
+        local = weights_on_node(shipped)
+        if local is not None:
+            base = {**base, "weights": local}
+        if shipped.cache_root is None and settings.cache_dir:
+            settings = replace(settings, cache_dir=str(node_cache_root(shipped) / "features"))
+    return replace(context, base_config=base, settings=settings)
+
+
 def _run_category(category: str, cell: Cell, context: Context, runs: _Runs) -> Outcome:
+    data = cell.data
+    if context.shipped is not None:
+        data = data_on_node(context.shipped, cell.data, category)
     job = Job(
-        data=cell.data,
+        data=data,
         category=category,
         method=cell.method,
         config={**cell.config(context.base_config), "progress": False},
@@ -191,6 +216,15 @@ class _Runs:
                     **({"fit_run": self.ids[0]} if i else {}),
                 },
             )
+
+    def tag(self, tags: dict[str, str]) -> None:
+        from fbft.study import tracking
+
+        shipped = self.context.shipped
+        if shipped is not None and shipped.weights_sha256:
+            tags = {**tags, "teacher_weights_sha256": shipped.weights_sha256}
+        for run_id in self.ids:
+            tracking.set_tags(self.client, run_id, tags)
 
     def finished_metrics(self) -> dict[str, float]:
         from fbft.study import tracking
