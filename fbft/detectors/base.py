@@ -89,8 +89,8 @@ class Detector(Protocol):
 class BaseDetector:
     """What every detector shares: images through its teacher (``fit``, ``predict``,
     ``predict_detailed``), the not-fitted check, save / load / describe. A method fills
-    ``fit_tokens``, ``predict_variants``, ``fitted``, ``_settings``, ``_state``, ``_extra``
-    and ``_from_saved``."""
+    ``fit_tokens`` and ``predict_variants`` (the :class:`Detector` protocol), ``fitted``,
+    ``_settings``, ``_state``, ``_extra`` and ``_from_saved``."""
 
     method: ClassVar[str] = ""
     teacher: Teacher | None
@@ -99,17 +99,6 @@ class BaseDetector:
     # ------------------------------------------------------------- per method
     @property
     def fitted(self) -> bool:
-        raise NotImplementedError
-
-    def fit_tokens(self, tokens: Sequence[TokenPair]) -> Self:
-        raise NotImplementedError
-
-    def predict_variants(
-        self,
-        tokens: Sequence[TokenPair],
-        sizes: Sequence[tuple[int, int]],
-        variants: Sequence[Variant] = ({},),
-    ) -> list[Prediction]:
         raise NotImplementedError
 
     def _settings(self) -> dict[str, Any]:
