@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fbft.study import checks, report
+from fbft.study import checks, lock, preflight, recovery, report
 from fbft.study.cells import CELL_KEY, varying_axes
 from fbft.study.checks import CheckError
 from fbft.study.options import Options
@@ -30,6 +30,8 @@ def run_main(study: Study, options: Options) -> int:
     except CheckError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        lock.release_all()
 
 
 def run(study: Study, options: Options) -> int:
@@ -54,7 +56,12 @@ def run(study: Study, options: Options) -> int:
     cache_root = (
         Path(options.cache_dir).expanduser().resolve() if options.cache_dir else default_cache_dir()
     )
-    state = find_state(study, options, storage)
+    experiment = options.experiment or f"fbft-{study.name}"
+    state = find_state(
+        study, options, storage, recovery.finder(client, storage, experiment, study.name)
+    )
+    if state is not None:
+        lock.acquire(storage, state.name)
     phases = {"time/prepare_seconds": time.time() - started}
     data = plan_data(study, options, cache_root)
     phases["time/data_seconds"] = time.time() - started - phases["time/prepare_seconds"]
@@ -74,10 +81,11 @@ def run(study: Study, options: Options) -> int:
     phases["time/ray_start_seconds"] = time.time() - mark
     mark = time.time()
     plan = with_cluster(study, options, data, ray.cluster_resources(), options.address)
+    preflight.teacher(preflight.trial_configs(plan))
     phases["time/checks_seconds"] = time.time() - mark
-    experiment = options.experiment or f"fbft-{study.name}"
     if state is None:
         name = f"{study.name}-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        lock.acquire(storage, name)
         argv = [tracking.redact(a) for a in options.argv]
         resume_cmd = shlex.join(["python", study.script, *argv, "--resume", name])
         tags = {
@@ -101,6 +109,7 @@ def run(study: Study, options: Options) -> int:
             started=started,
         )
         state.write(storage)
+        recovery.save(client, state)
     else:
         name = state.name
         if state.tracking_uri != tracking.redact(uri):
@@ -145,6 +154,7 @@ def run(study: Study, options: Options) -> int:
         grid = None
     phases["time/trials_seconds"] = time.time() - mark
     outcome = report.collect(grid, plan.variant_axes)
+    lost = recovery.vanished(client, storage, state)
     if outcome.finished + len(outcome.failures) < total:
         print(
             f"\ninterrupted: {outcome.finished + len(outcome.failures)} of {total} trials "
@@ -152,9 +162,10 @@ def run(study: Study, options: Options) -> int:
             flush=True,
         )
         return 130
-    return report.summarise(
+    code = report.summarise(
         study, options, outcome, state=state, path=path, started=started, uri=uri, phases=phases
     )
+    return recovery.verdict(code, lost, state)
 
 
 def _tuner(
