@@ -214,9 +214,11 @@ def _read(path: Path) -> tuple[str, float] | None:
 
 
 def _parse(text: str) -> Holder | None:
+    """The holder a lock file names (fields a later version adds are ignored)."""
     try:
-        return Holder(**json.loads(text))
-    except (ValueError, TypeError):
+        data = json.loads(text)
+        return Holder(**{k: data[k] for k in Holder.__dataclass_fields__ if k in data})
+    except (ValueError, TypeError, AttributeError):
         return None
 
 
