@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 import shutil
 import socket
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -383,3 +386,46 @@ def test_unreachable_tracking_server_and_unreadable_data_are_clear_errors(workdi
     ]
     assert main(study, argv) == 2
     assert "not a usable MLflow store" in capsys.readouterr().err
+
+
+def test_resume_finds_the_state_in_mlflow_when_the_storage_folder_is_lost(workdir, capsys):
+    flags = ["--shots", "2", "--categories", "gravel"]
+    assert run(workdir, "few_shot", *flags, experiment="lost") == 0
+    folder = next((workdir / "ray_results-lost").glob("few-shot-*/fbft_study.json")).parent
+    _, parents, _ = runs_of(workdir, "lost")
+    assert json.loads(parents[0].data.tags["fbft.state"])["name"] == folder.name
+    for resume in (["--resume", folder.name], ["--resume"]):  # by name, and the latest
+        shutil.rmtree(folder)  # the state file and Tune's experiment with it
+        capsys.readouterr()
+        assert run(workdir, "few_shot", *flags, *resume, experiment="lost") == 0
+        out = capsys.readouterr().out
+        assert f"restored the state of study {folder.name}" in out and "| shots |" in out
+        assert (folder / "fbft_study.json").is_file()
+    client, parents, children = runs_of(workdir, "lost")
+    assert len(parents) == 1 and len(children) == 1  # the finished trial is found, not re-run
+    assert parents[0].data.metrics["student_fits"] == 1
+    assert len(client.get_metric_history(children[0].info.run_id, "train_loss")) == 2  # epochs
+
+
+def test_a_study_that_loses_its_state_while_running_does_not_report_success(workdir, capsys):
+    storage = workdir / "ray_results-vanish"
+
+    def remove_the_study_folder() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            found = list(storage.glob("few-shot-*/fbft_study.json"))
+            if found:
+                shutil.rmtree(found[0].parent, ignore_errors=True)
+                return
+            time.sleep(0.01)
+
+    thief = threading.Thread(target=remove_the_study_folder)
+    thief.start()
+    code = run(workdir, "few_shot", "--shots", "2", "--categories", "gravel", experiment="vanish")
+    thief.join()
+    out = capsys.readouterr().out
+    assert code == 1 and "vanished" in out and "NOT A CLEAN SUCCESS" in out
+    _, parents, children = runs_of(workdir, "vanish")
+    assert parents[0].data.tags["fbft.state_vanished"] == "true"
+    assert len(children) == 1
+    assert next(storage.glob("few-shot-*/fbft_study.json")).is_file()  # written back

@@ -4,6 +4,7 @@ with every trial once; two studies started together on a fresh store both finish
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,19 +52,35 @@ def test_study_stopped_by_sigterm_leaves_no_running_run_and_resumes_without_dupl
     assert children and not [r for r in children if r.info.status == "RUNNING"]
     done = int(text.split(" finished (")[0].rsplit("[fbft] ", 1)[1].split("/")[0])
 
-    second = subprocess.run(
-        [*argv, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400
+    # two drivers resume the study at once: one runs it, the other is refused (one line, exit 2)
+    resumes = [
+        subprocess.Popen([*argv, "--resume"], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    outputs = [p.communicate(timeout=400) for p in resumes]
+    codes = sorted(p.returncode for p in resumes)
+    assert codes == [0, 2], "\n----\n".join(o[0][-2000:] + o[1][-2000:] for o in outputs)
+    winner = next(p for p in resumes if p.returncode == 0)
+    stdout, _ = outputs[resumes.index(winner)]
+    _, refused = outputs[1 - resumes.index(winner)]
+    assert refused.strip().count("\n") == 0, refused
+    assert f"is already running: its driver is pid {winner.pid} on host {socket.gethostname()}" in (
+        refused
     )
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming" in second.stdout and "| shots |" in second.stdout
-    already = int(
-        second.stdout.split(" trials already done")[0].rsplit("[fbft] ", 1)[1].split("/")[0]
-    )
+    assert "resuming" in stdout and "| shots |" in stdout
+    already = int(stdout.split(" trials already done")[0].rsplit("[fbft] ", 1)[1].split("/")[0])
     assert already >= done  # counted from the trials already done, not from 0
     parents, children = _runs(tmp_path, "resume")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.metrics["trials_done"] == 8 and len(children) == 8
     assert max(Counter(r.data.tags["fbft.trial_id"] for r in children).values()) == 1
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = [children[0].info.experiment_id]
+    for child in children:  # trained once: one loss series of 60 epochs, one model
+        assert len(client.get_metric_history(child.info.run_id, "train_loss")) == 60
+        run = child.info.run_id
+        assert len(client.search_logged_models(experiment, f"source_run_id = '{run}'")) == 1
     assert {(r.data.tags["category"], r.data.params["shots"]) for r in children} == {
         (c, s) for c in ("gravel", "parts") for s in ("1", "2", "3", "4")
     }

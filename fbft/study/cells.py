@@ -70,6 +70,12 @@ class Cell:
         return {**base, **self.changes, "seed": self.seed}
 
 
+def run_key(cell: Cell, trial_id: str) -> str:
+    """The key of a trial's child runs: its grid position, so a grid run again from scratch
+    (Tune's experiment folder lost) finds the runs it finished; a search trial's Tune id."""
+    return f"cell-{cell.index}" if cell.index is not None else trial_id
+
+
 def varying_axes(cells: Sequence[Cell]) -> tuple[str, ...]:
     """The axes that take more than one value over a study's cells (in their order)."""
     names = dict.fromkeys(k for c in cells for k in c.axes)

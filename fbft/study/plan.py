@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fbft.core.config import PRESETS, FBFTConfig
-from fbft.study import checks
+from fbft.study import checks, preflight
 from fbft.study.cells import Cell
 from fbft.study.checks import CheckError
 from fbft.study.options import Options
@@ -62,7 +62,9 @@ def plan_data(study: Study, options: Options, cache_root: Path) -> DataPlan:
                 f"{', '.join(CATEGORIES)}"
             )
         ensure_synthetic(Path(roots[0]), list(options.categories or CATEGORIES), SYNTHETIC)
-    return DataPlan(tuple(roots), synthetic, checks.categories(roots, options))
+    cats = checks.categories(roots, options)
+    preflight.before_ray(options, cache_root, cats)
+    return DataPlan(tuple(roots), synthetic, cats)
 
 
 def with_cluster(

@@ -16,7 +16,7 @@ import numpy as np
 
 from fbft.detectors.registry import DEFAULT_METHOD
 from fbft.metrics.keys import OFFICIAL_PREFIX
-from fbft.study.cells import Cell
+from fbft.study.cells import Cell, run_key
 from fbft.study.options import Options
 from fbft.study.spec import Study
 
@@ -59,7 +59,7 @@ def collect(grid: Any, variant_axes: tuple[dict, ...]) -> Collected:
             prefix = f"v{i}/" if i else ""
             row = {**setting, **shown, "method": cell.method}
             row["categories"] = ",".join(cell.categories)
-            row[RUN_KEY] = result.metrics.get("trial_id", "") + (
+            row[RUN_KEY] = run_key(cell, metrics.get("trial_id", "")) + (
                 f"/{i}" if len(variant_axes) > 1 else ""
             )
             if i:  # the fit's counters count once, on variant 0's row

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fbft.study import checks, endings, report
+from fbft.study import checks, endings, lock, preflight, recovery, report
 from fbft.study.cells import CELL_KEY, varying_axes
 from fbft.study.checks import CheckError
 from fbft.study.options import Options
@@ -30,6 +30,8 @@ def run_main(study: Study, options: Options) -> int:
     except CheckError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        lock.release_all()
 
 
 def run(study: Study, options: Options) -> int:
@@ -55,7 +57,12 @@ def run(study: Study, options: Options) -> int:
     cache_root = (
         Path(options.cache_dir).expanduser().resolve() if options.cache_dir else default_cache_dir()
     )
-    state = find_state(study, options, storage)
+    experiment = options.experiment or f"fbft-{study.name}"
+    state = find_state(
+        study, options, storage, recovery.finder(client, storage, experiment, study.name)
+    )
+    if state is not None:
+        lock.acquire(storage, state.name)
     phases = {"time/prepare_seconds": time.time() - started}
     data = plan_data(study, options, cache_root)
     phases["time/data_seconds"] = time.time() - started - phases["time/prepare_seconds"]
@@ -76,10 +83,11 @@ def run(study: Study, options: Options) -> int:
     mark = time.time()
     saved = state.resources if state is not None else None
     plan = with_cluster(study, options, data, ray.cluster_resources(), options.address, saved)
+    preflight.teacher(preflight.trial_configs(plan))
     phases["time/checks_seconds"] = time.time() - mark
-    experiment = options.experiment or f"fbft-{study.name}"
     if state is None:
         name = f"{study.name}-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        lock.acquire(storage, name)
         argv = [tracking.redact(a) for a in options.argv]
         resume_cmd = shlex.join(["python", study.script, *argv, "--resume", name])
         tags = {
@@ -108,6 +116,7 @@ def run(study: Study, options: Options) -> int:
             },
         )
         state.write(storage)
+        recovery.save(client, state)
     else:
         name = state.name
         if state.tracking_uri != tracking.redact(uri):
@@ -165,6 +174,7 @@ def run(study: Study, options: Options) -> int:
     outcome = report.collect(grid, plan.variant_axes)
     for line in endings.causes(outcome.failures, options.max_failures, infrastructure=True):
         print(f"[fbft] {line}", flush=True)
+    lost = recovery.vanished(client, storage, state)
     if outcome.finished + len(outcome.failures) < total:
         print(
             f"\ninterrupted: {outcome.finished + len(outcome.failures)} of {total} trials "
@@ -173,9 +183,10 @@ def run(study: Study, options: Options) -> int:
         )
         endings.close_parent(client, state.parent_run_id, "KILLED", "interrupted")
         return stop.exit_code
-    return report.summarise(
+    code = report.summarise(
         study, options, outcome, state=state, path=path, started=started, uri=uri, phases=phases
     )
+    return recovery.verdict(code, lost, state)
 
 
 def _tuner(

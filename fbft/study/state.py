@@ -5,6 +5,7 @@ refuses, naming what changed."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,14 @@ def read_state(storage: str, name: str) -> StudyState | None:
         return None
 
 
-def find_state(study: Study, options: Options, storage: str) -> StudyState | None:
-    """The saved state to resume (None for a new study); refuses changed options."""
+def find_state(
+    study: Study,
+    options: Options,
+    storage: str,
+    kept: Callable[[str | None], StudyState | None] | None = None,
+) -> StudyState | None:
+    """The saved state to resume (None for a new study); refuses changed options. ``kept``
+    finds a state kept elsewhere (the parent MLflow run) by name, or the latest when None."""
     if not options.resume:
         return None
     name = options.resume
@@ -72,13 +79,16 @@ def find_state(study: Study, options: Options, storage: str) -> StudyState | Non
             for p in Path(storage).glob(f"{study.name}-*/{STATE_FILE}")
         ]
         states = [s for s in states if s is not None]
+        if not states and kept is not None and (found := kept(None)) is not None:
+            states = [found]
         if not states:
             raise CheckError(f"no {study.name} study to resume in {storage}")
         name = max(states, key=lambda s: s.started).name
-    state = read_state(storage, name)
+    state = read_state(storage, name) or (kept(name) if kept is not None else None)
     if state is None:
         raise CheckError(
-            f"no study named {name!r} in {storage} (look for folders with {STATE_FILE})"
+            f"no study named {name!r} in {storage} (look for folders with {STATE_FILE}) nor "
+            "in the MLflow experiment"
         )
     changed = _differences(state.options, options.comparable())
     if changed:

@@ -27,6 +27,7 @@ TRIAL_TAG = "fbft.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # a run's description on its Overview page
 MODEL_TAG = "fbft.model"  # runs:/<id>/model on a child run that logged its detector
+STORE_WAIT_ENV = "FBFT_STORE_WAIT_SECONDS"  # how long a busy SQLite store is waited for
 KIND_TAG = "mlflow.experimentKind"  # MLflow 3: open the experiment in its model-training view
 
 
@@ -101,16 +102,65 @@ def prepare_store(uri: str) -> MlflowClient:
             ) from None
         return MlflowClient(uri)
     with _store_lock(uri):
+        for _ in range(5):  # the lock may be taken again between the wait and the first read
+            wait_while_busy(uri)
+            try:
+                client = MlflowClient(uri)
+                client.search_experiments(max_results=1)
+                return client
+            except Exception as err:  # SQLAlchemy/MLflow errors of a file that is not a store
+                if _busy(err):
+                    continue
+                raise TrackingError(
+                    f"--tracking-uri {redact(uri)} is not a usable MLflow store "
+                    f"({type(err).__name__}: {redact(str(err).splitlines()[0][:200])}); point it "
+                    "at an MLflow database, a new file name, or a server"
+                ) from None
+    raise TrackingError(f"--tracking-uri {redact(uri)}: the store stays busy; retry later")
+
+
+def wait_while_busy(uri: str, limit: float | None = None) -> None:
+    """Wait, saying so, while another process holds the write lock of a SQLite store (an
+    open write transaction), up to ``limit`` seconds (``FBFT_STORE_WAIT_SECONDS``, 600)."""
+    import sqlite3
+
+    db = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+    if db is None or not db.is_file():
+        return
+    limit = float(os.environ.get(STORE_WAIT_ENV, 600)) if limit is None else limit
+    started, said = time.monotonic(), False
+    while True:
         try:
-            client = MlflowClient(uri)
-            client.search_experiments(max_results=1)
-        except Exception as err:  # SQLAlchemy/MLflow errors of a file that is not a store
+            with contextlib.closing(sqlite3.connect(db, timeout=1.0)) as con:
+                con.execute("BEGIN IMMEDIATE")  # the write lock, released at once
+                con.rollback()
+            break
+        except sqlite3.OperationalError as err:
+            if not _busy(err):
+                return  # not a store, or unreadable: prepare_store names it
+        except sqlite3.DatabaseError:
+            return
+        waited = time.monotonic() - started
+        if waited > limit:
             raise TrackingError(
-                f"--tracking-uri {redact(uri)} is not a usable MLflow store "
-                f"({type(err).__name__}: {redact(str(err).splitlines()[0][:200])}); point it at an "
-                "MLflow database, a new file name, or a server"
-            ) from None
-    return client
+                f"--tracking-uri {redact(uri)}: the SQLite store is still busy after "
+                f"{waited:.0f} s (another process holds its write lock; `fuser {db}` names it); "
+                f"retry when it ends, raise {STORE_WAIT_ENV}, or use an MLflow server"
+            )
+        if not said:
+            print(
+                f"waiting for the MLflow store {redact(uri)}: another process holds its write "
+                f"lock (up to {limit:g} s, {STORE_WAIT_ENV})",
+                flush=True,
+            )
+            said = True
+    if said:
+        print(f"the MLflow store is free after {time.monotonic() - started:.0f} s", flush=True)
+
+
+def _busy(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "database is locked" in text or "database is busy" in text
 
 
 def _health_request(uri: str) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fbft.study import node
-from fbft.study.cells import Cell
+from fbft.study.cells import Cell, run_key
 from fbft.study.job import Job, JobSettings, Outcome, run_job, variant_label
 from fbft.study.shipped import Shipped, data_on_node, node_cache_root, weights_on_node
 from fbft.study.spec import show
@@ -59,7 +59,7 @@ def run_trial(config: dict[str, Any], context: Context) -> None:
     torch.set_num_threads(max(1, int(context.cpus_per_trial)))
     cell = Cell.of(config)
     client = MlflowClient(context.tracking_uri)
-    runs = _Runs(client, context, cell, tune.get_context().get_trial_id() or "local")
+    runs = _Runs(client, context, cell, run_key(cell, tune.get_context().get_trial_id() or "local"))
     if runs.finished:  # an earlier attempt logged everything: report it again
         tune.report(runs.finished_metrics())
         return
