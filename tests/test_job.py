@@ -55,3 +55,15 @@ def test_only_axes_that_vary_lead_run_names():
              for n in (5, 10) for c in ("a", "b")]  # fmt: skip
     assert varying_axes(cells) == ("shots",)
     assert varying_axes(cells[:1]) == ()
+
+
+def test_a_trial_on_a_shared_gpu_keeps_its_tokens_within_its_share():
+    from fbft.study.node import device_config
+
+    base = {"device": "auto", "max_token_gb": None}
+    assert device_config(base, []) == base  # no GPU granted: auto stays auto
+    assert device_config(base, ["0"], 1.0, 80e9) == {"device": "cuda", "max_token_gb": None}
+    quarter = device_config(base, ["0"], 0.25, 80e9)
+    assert quarter == {"device": "cuda", "max_token_gb": 10.0}  # half of a quarter of 80 GB
+    given = {"device": "cuda:1", "max_token_gb": 3.0}
+    assert device_config(given, ["1"], 0.25, 80e9) == given  # the user's budget is kept

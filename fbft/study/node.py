@@ -41,11 +41,30 @@ def check_gpu(gpu_ids: list[str]) -> None:
     )
 
 
-def device_config(base: dict[str, Any], gpu_ids: list[str]) -> dict[str, Any]:
-    """``device`` stays ``auto`` only where no GPU was granted; with one it is ``cuda``."""
-    if gpu_ids and base.get("device", "auto") == "auto":
-        return {**base, "device": "cuda"}
-    return base
+def device_config(
+    base: dict[str, Any], gpu_ids: list[str], share: float = 1.0, gpu_bytes: int | None = None
+) -> dict[str, Any]:
+    """``device`` stays ``auto`` only where no GPU was granted; with one it is ``cuda``. A trial
+    granted a fraction of a GPU (``share`` < 1, e.g. ``--gpus-per-trial 0.25``) keeps its
+    tokens within that fraction of the GPU's ``gpu_bytes`` (half of it, as the automatic
+    budget does): without this the first trial on a shared GPU takes half of it, the next a
+    quarter, ... and the last is left too little for its students and maps."""
+    if not gpu_ids:
+        return base
+    out = {**base, "device": "cuda"} if base.get("device", "auto") == "auto" else dict(base)
+    if 0 < share < 1 and out.get("max_token_gb") is None and gpu_bytes:
+        out["max_token_gb"] = round(gpu_bytes * share * 0.5 / 1e9, 3)
+    return out
+
+
+def gpu_share() -> tuple[float, int | None]:
+    """(the GPU fraction Ray assigned this trial, the bytes of its first GPU when CUDA works)."""
+    import ray
+    import torch
+
+    share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    total = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    return share, total
 
 
 def device_tags(gpu_ids: list[str]) -> dict[str, str]:

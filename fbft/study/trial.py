@@ -92,7 +92,8 @@ def run_trial(config: dict[str, Any], context: Context) -> None:
 def _on_node(context: Context, gpu_ids: list[str]) -> Context:
     """The context with this node's files: the shipped weights (checksum verified), the
     node's own cache folder when none was given, ``device=cuda`` where a GPU was granted."""
-    base = node.device_config(context.base_config, gpu_ids)
+    share, gpu_bytes = node.gpu_share() if gpu_ids else (0.0, None)
+    base = node.device_config(context.base_config, gpu_ids, share, gpu_bytes)
     settings, shipped = context.settings, context.shipped
     if shipped is not None:
         local = weights_on_node(shipped)
