@@ -56,13 +56,15 @@ def test_pyfunc_predict_equals_fbft_offline(bundle, monkeypatch):
     _, paths, scores, uri, thresholds = bundle
     assert uri.startswith("runs:/") and uri.endswith("/model")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FBFT_SERVE_PATHS", str(paths[0].parent))
     pyfunc = mlflow.pyfunc.load_model(uri)
     out = pyfunc.predict(pd.DataFrame({"path": [str(p) for p in paths]}))
     assert list(out.columns) == ["path", "score", "decision"]
     assert out["score"].tolist() == pytest.approx(scores, rel=1e-5)
     assert out["decision"].tolist() == [s > thresholds.image for s in scores]
     signature = pyfunc.metadata.signature
-    assert signature.inputs.input_names() == ["path"]
+    assert signature.inputs.input_names() == ["image", "path"]
+    assert pyfunc.metadata.metadata["thresholds"]["image"] == thresholds.image
     assert pyfunc.metadata.metadata["teacher"]["identity"]["weights"].startswith("random:")
 
 
@@ -103,6 +105,7 @@ def test_log_teacher_copies_a_file_teacher(store, tmp_path, monkeypatch):
     uri = log_model(model_file, log_teacher=True)
     (tmp_path / "teacher.pth").rename(tmp_path / "moved.pth")  # the logged copy is used
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FBFT_SERVE_PATHS", str(tmp_path))
     out = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"path": [str(tmp_path / "x.png")]}))
     assert out["score"].tolist() == pytest.approx(expected, rel=1e-5)
     assert "decision" not in out
@@ -134,6 +137,7 @@ def test_every_method_is_saved_loaded_served_and_predicted(method, store, tmp_pa
     )
     uri = log_model(model_file)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FBFT_SERVE_PATHS", str(tmp_path))
     pyfunc = mlflow.pyfunc.load_model(uri)
     out = pyfunc.predict(pd.DataFrame({"path": [str(p) for p in paths]}))
     assert out["score"].tolist() == pytest.approx(scores, rel=1e-5)
