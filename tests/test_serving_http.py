@@ -51,6 +51,10 @@ def _post(port: int, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
+def _tail(log: Path) -> str:
+    return log.read_text()[-3000:]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(port, model file, thresholds, image file) of a model served in a subprocess."""
@@ -86,13 +90,13 @@ def server(tmp_path_factory):
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if process.poll() is not None:
-                pytest.fail(f"the server exited: {(tmp / 'server.log').read_text()[-3000:]}")
+                pytest.fail(f"the server exited: {_tail(tmp / 'server.log')}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    pytest.fail(f"no answer in {START_TIMEOUT_S}s: {(tmp / 'server.log').read_text()[-3000:]}")
+                    pytest.fail(f"no answer in {START_TIMEOUT_S}s: {_tail(tmp / 'server.log')}")
                 time.sleep(1)
         yield port, model_file, thresholds, tmp / "x.png"
     finally:
