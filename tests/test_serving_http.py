@@ -77,6 +77,7 @@ def server(tmp_path_factory):
     env |= {
         "MLFLOW_TRACKING_URI": uri,
         "HF_HUB_OFFLINE": "1",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # as README says, for logs
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # uvicorn
     }
     env.pop("PYTHONPATH", None)  # the model's own code/ folder, not this checkout
@@ -98,7 +99,7 @@ def server(tmp_path_factory):
                 if time.monotonic() > deadline:
                     pytest.fail(f"no answer in {START_TIMEOUT_S}s: {_tail(tmp / 'server.log')}")
                 time.sleep(1)
-        yield port, model_file, thresholds, tmp / "x.png"
+        yield port, model_file, thresholds, tmp / "x.png", tmp / "server.log"
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -110,7 +111,7 @@ def server(tmp_path_factory):
 
 
 def test_a_base64_image_gets_a_score_a_decision_a_map_and_components(server):
-    port, model_file, thresholds, image_file = server
+    port, model_file, thresholds, image_file, _ = server
     (anomaly_map,), (score,) = FBFT.load(model_file).predict([read_image(image_file)])
     sent = base64.b64encode(image_file.read_bytes()).decode()
     body = {"dataframe_records": [{"image": sent}], "params": {"maps": True, "map_size": 35}}
@@ -144,3 +145,10 @@ def test_a_broken_image_is_a_one_line_400(server):
     status, answer = _post(server[0], {"dataframe_records": [{"image": sent}]})
     assert status == 400 and "stack_trace" not in answer
     assert answer["message"].startswith("cannot read image file sent in row 0")
+
+
+def test_the_server_loaded_quietly(server):
+    """No per-file download bar in a log, no warning about the predict method's type hints."""
+    log = server[4].read_text()
+    assert "Application startup complete" in log
+    assert "Downloading artifacts" not in log and "type hint" not in log
