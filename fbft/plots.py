@@ -163,8 +163,10 @@ def legend_strip(
     if score is not None:
         verdict = ""
         if image_threshold is not None:
-            verdict = " anomalous" if score > image_threshold else " normal"
-            verdict += f" (threshold {image_threshold:.4g})"
+            above = score > image_threshold
+            verdict = (
+                f": {'anomalous, >' if above else 'normal, ≤'} threshold {image_threshold:.4g}"
+            )
         draw.text((6, 3), f"image score {score:.4g}{verdict}", fill="white", font=font)
     if pixel_threshold is not None:
         text = f"white outline: pixels > {pixel_threshold:.4g}"

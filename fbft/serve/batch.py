@@ -248,7 +248,10 @@ def _write(
     pixel_cut = getattr(thresholds, "pixel", None)
     (out / "maps").mkdir()
     clim, clim_source = None, None
-    bar = tqdm(total=len(paths), desc="predicting", unit="image", disable=not progress)
+    # disable=None: no bar when stderr is not a terminal (a log would get a line per update)
+    bar = tqdm(
+        total=len(paths), desc="predicting", unit="image", disable=None if progress else True
+    )
     with (out / "scores.csv").open("w", newline="") as handle, bar:
         rows = csv.writer(handle)
         rows.writerow(["path", "score"] + (["decision"] if cut is not None else []) + ["map"])
