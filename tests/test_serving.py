@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -18,6 +20,7 @@ from fbft.cli import main
 from fbft.data.common import read_image
 from fbft.detectors import PatchCore, PatchCoreConfig, create_detector, methods
 from fbft.detectors import load_detector as load_saved
+from fbft.serve import package
 from fbft.serve.pyfunc import ModelReferenceError, load, load_detector, log_model
 from fbft.serve.thresholds import Thresholds
 
@@ -170,3 +173,32 @@ def test_a_baseline_rebuilds_its_file_teacher_checked_by_sha256(tmp_path):
     )
     with pytest.raises(ModelReferenceError, match="records no teacher"):
         log_model(tokens_only.save(tmp_path / "tokens_only.pt"))
+
+
+def test_the_model_carries_the_modules_it_imports_and_loads_from_them_alone(store, tmp_path):
+    """The logged code/ folder is the import closure of model_code.py (no study, CLI, figures);
+    a fresh process, without this checkout on its path, loads and scores with it alone."""
+    detector = create_detector("patchcore", tiny_config(), preset="paper").fit(textures(3, seed=0))
+    uri = log_model(detector.save(tmp_path / "patchcore.pt"))
+    folder = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "model")))
+    carried = sorted(p.relative_to(folder / "code") for p in (folder / "code").rglob("*.py"))
+    assert carried == sorted(package.needed_files())
+    names = {p.as_posix() for p in carried}
+    assert "fbft/detectors/patchcore.py" in names and "fbft/serve/frame.py" in names
+    assert not any(n.startswith(("fbft/study/", "fbft/cli.py", "fbft/plots.py")) for n in names)
+    Image.fromarray(textures(1, seed=9)[0]).save(tmp_path / "x.png")
+    _, expected = detector.predict([read_image(tmp_path / "x.png")])
+    code = (
+        "import sys, mlflow, pandas as pd; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+        "import fbft; print(fbft.__file__); "
+        "print(m.predict(pd.DataFrame({'image': [open(sys.argv[2], 'rb').read()]}))['score'][0])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(folder), str(tmp_path / "x.png")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    where, score = done.stdout.split()[-2:]
+    assert Path(where).is_relative_to(folder / "code")
+    assert float(score) == pytest.approx(expected[0], rel=1e-5)
