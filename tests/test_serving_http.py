@@ -63,6 +63,8 @@ def server(tmp_path_factory):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
+        mlflow.create_experiment("http", artifact_location=str(tmp / "artifacts"))  # not ./mlruns
+        mlflow.set_experiment("http")
         model = FBFT(tiny_config(epochs=5)).fit(textures(4, seed=0))
         model_file = model.save(tmp / "fbft.pt")
         thresholds = calibrate(*reversed(model.predict(textures(3, seed=11))))

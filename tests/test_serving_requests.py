@@ -34,6 +34,7 @@ def store(tmp_path_factory):
     previous = mlflow.get_tracking_uri()
     uri = f"sqlite:///{tmp}/mlflow.db"
     mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("requests", artifact_location=str(tmp / "artifacts"))  # not ./mlruns
     mlflow.set_experiment("requests")
     yield uri
     mlflow.set_tracking_uri(previous)
