@@ -115,19 +115,72 @@ def overlay_pixels(
     anomaly_map: np.ndarray,
     clim: ColourRange,
     pixel_threshold: float | None = None,
+    score: float | None = None,
+    image_threshold: float | None = None,
 ) -> np.ndarray:
     """Image | jet map blended over it at full resolution, outlined in white where the map
-    passes ``pixel_threshold``: an Hx(2W)x3 uint8 array, ~100x faster than a matplotlib figure."""
-    from matplotlib import colormaps
-
-    vmin, vmax = clim
-    scaled = np.clip((anomaly_map - vmin) / (vmax - vmin), 0, 1)
-    colours = colormaps["jet"](scaled)[..., :3] * 255
-    blend = (0.5 * image + 0.5 * colours).astype(np.uint8)
+    passes ``pixel_threshold``, above a legend (the image score and its decision, the colour bar
+    of ``clim``, what the outline means): a uint8 RGB array, ~100x faster than a matplotlib
+    figure."""
+    blend = (0.5 * image + 0.5 * _jet(anomaly_map, clim)).astype(np.uint8)
     if pixel_threshold is not None:
         mask = anomaly_map > pixel_threshold
         blend[mask & ~ndimage.binary_erosion(mask, border_value=1)] = 255
-    return np.concatenate([image, blend], axis=1)
+    panels = np.concatenate([image, blend], axis=1)
+    legend = legend_strip(max(panels.shape[1], LEGEND_WIDTH), clim, pixel_threshold, score,
+                          image_threshold)  # fmt: skip
+    out = np.zeros((panels.shape[0] + legend.shape[0], legend.shape[1], 3), dtype=np.uint8)
+    out[: panels.shape[0], : panels.shape[1]] = panels
+    out[panels.shape[0] :] = legend
+    return out
+
+
+LEGEND_WIDTH, LEGEND_HEIGHT = 520, 60  # px; an overlay narrower than this is padded on the right
+
+
+def _jet(values: np.ndarray, clim: ColourRange) -> np.ndarray:
+    from matplotlib import colormaps
+
+    vmin, vmax = clim
+    return colormaps["jet"](np.clip((values - vmin) / (vmax - vmin), 0, 1))[..., :3] * 255
+
+
+def legend_strip(
+    width: int,
+    clim: ColourRange,
+    pixel_threshold: float | None,
+    score: float | None,
+    image_threshold: float | None,
+) -> np.ndarray:
+    """A ``LEGEND_HEIGHT`` x ``width`` strip: score (and decision) and the outline's meaning on
+    top, the colour bar of ``clim`` with the pixel threshold marked below."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    vmin, vmax = clim
+    strip = Image.new("RGB", (width, LEGEND_HEIGHT), "black")
+    draw = ImageDraw.Draw(strip)
+    font = ImageFont.load_default(size=13)
+    if score is not None:
+        verdict = ""
+        if image_threshold is not None:
+            above = score > image_threshold
+            verdict = (
+                f": {'anomalous, >' if above else 'normal, ≤'} threshold {image_threshold:.4g}"
+            )
+        draw.text((6, 3), f"image score {score:.4g}{verdict}", fill="white", font=font)
+    if pixel_threshold is not None:
+        text = f"white outline: pixels > {pixel_threshold:.4g}"
+        draw.text((width - 6, 3), text, fill="white", font=font, anchor="ra")
+    left, right, top, bottom = 6, width - 6, 22, 38
+    bar = _jet(np.linspace(vmin, vmax, right - left)[None, :], clim).astype(np.uint8)
+    strip.paste(Image.fromarray(np.repeat(bar, bottom - top, axis=0)), (left, top))
+    draw.text((left, bottom + 2), f"{vmin:.4g}", fill="white", font=font, anchor="la")
+    draw.text((right, bottom + 2), f"{vmax:.4g}", fill="white", font=font, anchor="ra")
+    if pixel_threshold is not None and vmin < pixel_threshold < vmax:
+        x = left + round((pixel_threshold - vmin) / (vmax - vmin) * (right - left - 1))
+        draw.line([(x, top - 2), (x, bottom + 1)], fill="white", width=2)
+        draw.text((x, bottom + 2), f"{pixel_threshold:.4g}", fill="white", font=font, anchor="ma")
+    return np.asarray(strip)
 
 
 def pro_curves(

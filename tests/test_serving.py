@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -18,6 +20,7 @@ from fbft.cli import main
 from fbft.data.common import read_image
 from fbft.detectors import PatchCore, PatchCoreConfig, create_detector, methods
 from fbft.detectors import load_detector as load_saved
+from fbft.serve import package
 from fbft.serve.pyfunc import ModelReferenceError, load, load_detector, log_model
 from fbft.serve.thresholds import Thresholds
 
@@ -29,6 +32,7 @@ def store(tmp_path_factory):
     previous = mlflow.get_tracking_uri()
     uri = f"sqlite:///{tmp}/mlflow.db"
     mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("serving", artifact_location=str(tmp / "artifacts"))  # not ./mlruns
     mlflow.set_experiment("serving")
     yield uri
     mlflow.set_tracking_uri(previous)
@@ -56,13 +60,15 @@ def test_pyfunc_predict_equals_fbft_offline(bundle, monkeypatch):
     _, paths, scores, uri, thresholds = bundle
     assert uri.startswith("runs:/") and uri.endswith("/model")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FBFT_SERVE_PATHS", str(paths[0].parent))
     pyfunc = mlflow.pyfunc.load_model(uri)
     out = pyfunc.predict(pd.DataFrame({"path": [str(p) for p in paths]}))
     assert list(out.columns) == ["path", "score", "decision"]
     assert out["score"].tolist() == pytest.approx(scores, rel=1e-5)
     assert out["decision"].tolist() == [s > thresholds.image for s in scores]
     signature = pyfunc.metadata.signature
-    assert signature.inputs.input_names() == ["path"]
+    assert signature.inputs.input_names() == ["image", "path"]
+    assert pyfunc.metadata.metadata["thresholds"]["image"] == thresholds.image
     assert pyfunc.metadata.metadata["teacher"]["identity"]["weights"].startswith("random:")
 
 
@@ -103,6 +109,7 @@ def test_log_teacher_copies_a_file_teacher(store, tmp_path, monkeypatch):
     uri = log_model(model_file, log_teacher=True)
     (tmp_path / "teacher.pth").rename(tmp_path / "moved.pth")  # the logged copy is used
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FBFT_SERVE_PATHS", str(tmp_path))
     out = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"path": [str(tmp_path / "x.png")]}))
     assert out["score"].tolist() == pytest.approx(expected, rel=1e-5)
     assert "decision" not in out
@@ -134,6 +141,7 @@ def test_every_method_is_saved_loaded_served_and_predicted(method, store, tmp_pa
     )
     uri = log_model(model_file)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FBFT_SERVE_PATHS", str(tmp_path))
     pyfunc = mlflow.pyfunc.load_model(uri)
     out = pyfunc.predict(pd.DataFrame({"path": [str(p) for p in paths]}))
     assert out["score"].tolist() == pytest.approx(scores, rel=1e-5)
@@ -166,3 +174,32 @@ def test_a_baseline_rebuilds_its_file_teacher_checked_by_sha256(tmp_path):
     )
     with pytest.raises(ModelReferenceError, match="records no teacher"):
         log_model(tokens_only.save(tmp_path / "tokens_only.pt"))
+
+
+def test_the_model_carries_the_modules_it_imports_and_loads_from_them_alone(store, tmp_path):
+    """The logged code/ folder is the import closure of model_code.py (no study, CLI, figures);
+    a fresh process, without this checkout on its path, loads and scores with it alone."""
+    detector = create_detector("patchcore", tiny_config(), preset="paper").fit(textures(3, seed=0))
+    uri = log_model(detector.save(tmp_path / "patchcore.pt"))
+    folder = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "model")))
+    carried = sorted(p.relative_to(folder / "code") for p in (folder / "code").rglob("*.py"))
+    assert carried == sorted(package.needed_files())
+    names = {p.as_posix() for p in carried}
+    assert "fbft/detectors/patchcore.py" in names and "fbft/serve/frame.py" in names
+    assert not any(n.startswith(("fbft/study/", "fbft/cli.py", "fbft/plots.py")) for n in names)
+    Image.fromarray(textures(1, seed=9)[0]).save(tmp_path / "x.png")
+    _, expected = detector.predict([read_image(tmp_path / "x.png")])
+    code = (
+        "import sys, mlflow, pandas as pd; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+        "import fbft; print(fbft.__file__); "
+        "print(m.predict(pd.DataFrame({'image': [open(sys.argv[2], 'rb').read()]}))['score'][0])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(folder), str(tmp_path / "x.png")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    where, score = done.stdout.split()[-2:]
+    assert Path(where).is_relative_to(folder / "code")
+    assert float(score) == pytest.approx(expected[0], rel=1e-5)

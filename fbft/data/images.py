@@ -6,10 +6,12 @@ through here."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
@@ -38,16 +40,26 @@ def _open(path: str | Path, what: str = "image") -> Iterator[Image.Image]:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise CorruptImageError(f"{what} file {path} is not a regular file (a FIFO or device?)")
         os.set_blocking(fd, True)
-        try:
-            img = Image.open(handle)
-        except Image.DecompressionBombError as err:
-            raise CorruptImageError(
-                f"{what} file {path} has too many pixels to decode safely ({_first_line(err)})"
-            ) from None
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise CorruptImageError(f"cannot read {what} file {path}: {_first_line(err)}") from err
-        with img:
+        with _identify(handle, path, what) as img:
             yield img
+
+
+@contextlib.contextmanager
+def _identify(handle: BinaryIO, name: str | Path, what: str) -> Iterator[Image.Image]:
+    """Pillow's lazy open of ``handle`` with its errors as one-line :class:`CorruptImageError`
+    naming ``name`` (a file, or what a caller calls bytes it was sent)."""
+    try:
+        img = Image.open(handle)
+    except Image.DecompressionBombError as err:
+        raise CorruptImageError(
+            f"{what} file {name} has too many pixels to decode safely ({_first_line(err)})"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        unknown = isinstance(err, UnidentifiedImageError) and isinstance(handle, io.BytesIO)
+        detail = "not an image format Pillow reads" if unknown else _first_line(err)
+        raise CorruptImageError(f"cannot read {what} file {name}: {detail}") from err
+    with img:
+        yield img
 
 
 def _first_line(err: BaseException) -> str:
@@ -125,16 +137,28 @@ def read_image(path: str | Path) -> np.ndarray:
     pixels scaled to 8 bits (see :func:`_to_uint8`, docs/datasets.md). Other pixel modes raise
     :class:`CorruptImageError` naming the file."""
     with _open(path) as img:
-        upright = _decoded(img, path, "image")
-        mode = upright.mode
-        try:
-            if mode in _EIGHT_BIT:
-                return np.asarray(upright.convert("RGB"), dtype=np.uint8)
-            if mode in _SIXTEEN_BIT or mode in ("I", "F"):
-                gray = _to_uint8(np.asarray(upright, dtype=np.float64), mode, path)
-                return np.repeat(gray[..., None], 3, axis=2)
-        except (OSError, ValueError) as err:
-            raise CorruptImageError(f"cannot decode image file {path}: {_first_line(err)}") from err
+        return _rgb(img, path)
+
+
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+    """:func:`read_image` of a file's bytes held in memory (an upload, a request body): the same
+    rules and errors, ``name`` standing for the file in every message."""
+    with _identify(io.BytesIO(data), name, "image") as img:
+        return _rgb(img, name)
+
+
+def _rgb(img: Image.Image, path: str | Path) -> np.ndarray:
+    """An opened image's pixels as HxWx3 uint8 RGB (see :func:`read_image`)."""
+    upright = _decoded(img, path, "image")
+    mode = upright.mode
+    try:
+        if mode in _EIGHT_BIT:
+            return np.asarray(upright.convert("RGB"), dtype=np.uint8)
+        if mode in _SIXTEEN_BIT or mode in ("I", "F"):
+            gray = _to_uint8(np.asarray(upright, dtype=np.float64), mode, path)
+            return np.repeat(gray[..., None], 3, axis=2)
+    except (OSError, ValueError) as err:
+        raise CorruptImageError(f"cannot decode image file {path}: {_first_line(err)}") from err
     raise CorruptImageError(
         f"image file {path} has pixel mode {mode!r}, which fbft does not read; save it as an "
         "8- or 16-bit grayscale or RGB PNG"

@@ -3,10 +3,12 @@
 Writes ``OUT/scores.csv`` (path, score, decision = score > threshold when a threshold is known,
 and map: the image's map file), ``OUT/maps/<name>.npy`` (or ``.tiff``: the float32 map at the
 image's own H×W), ``OUT/maps/<name>.png`` (image | map over the image at full resolution, jet on
-one colour scale for every image; outlined in white at the pixel threshold when known) and
-``OUT/predict.json`` (thresholds, colour scale). ``<name>`` is the image's path relative to the
-inputs' common folder, %-escaped (:func:`output_names`). Images stream in batches: a folder of
-thousands never holds more than one batch of maps. A failed run leaves no output.
+the model's fixed colour scale, calibrated with its thresholds; outlined in white at the pixel
+threshold when known; below, the image score and decision, the colour bar and the outline's
+meaning) and ``OUT/predict.json`` (thresholds, colour scale and its source). ``<name>`` is
+the image's path relative to the inputs' common folder, %-escaped (:func:`output_names`).
+Images stream in batches: a folder of thousands never holds more than one batch of maps. A
+failed run leaves no output.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -126,16 +129,32 @@ def iter_batches(
 
 
 def colour_scale(
-    first_maps: Sequence[np.ndarray], pixel_threshold: float | None
-) -> tuple[float, float]:
-    """One colour range for the whole run: nominal-ish floor (1% quantile of the first batch)
-    to the 99.9% quantile, or, with a pixel threshold, symmetric around it (threshold mid-scale)."""
+    first_maps: Sequence[np.ndarray],
+    thresholds: Thresholds | None,
+    given: tuple[float, float] | None = None,
+) -> tuple[tuple[float, float], str]:
+    """(vmin, vmax) of every overlay of a run and where it comes from: ``given``
+    (``--colour-range``), else the model's calibrated scale (the same for every run), else, for
+    a model calibrated without one, the first batch's maps (printed: colours then differ between
+    runs)."""
     from fbft.plots import color_range
 
+    if given is not None:
+        return given, "--colour-range"
+    stored = getattr(thresholds, "colour_range", None)
+    if stored is not None:
+        return stored, "the model's calibration"
     vmin, vmax = color_range(first_maps)
-    if pixel_threshold is not None and pixel_threshold > vmin:
-        vmax = 2 * pixel_threshold - vmin
-    return vmin, vmax
+    pixel = getattr(thresholds, "pixel", None)
+    if pixel is not None and pixel > vmin:
+        vmax = 2 * pixel - vmin
+    print(
+        f"fbft predict: the model stores no calibrated colour scale; overlays use {vmin:.4g}.."
+        f"{vmax:.4g} from the first batch (another run's colours differ: pass --colour-range "
+        "LO HI to fix them)",
+        file=sys.stderr,
+    )
+    return (vmin, vmax), "first batch (the model stores no calibrated colour scale)"
 
 
 def save_map(anomaly_map: np.ndarray, path: Path) -> None:
@@ -158,13 +177,15 @@ def predict_images(
     overlays: bool = True,
     progress: bool = True,
     overwrite: bool = False,
+    colour_range: tuple[float, float] | None = None,
 ) -> Path:
     """Score image files (from :func:`collect_images`) into ``out`` (see the module doc).
 
     Everything is written into a temporary folder beside ``out`` and renamed into place at the
     end: a run that fails leaves no half output. ``out`` must be missing or empty, or, with
     ``overwrite``, an earlier output (it is then replaced whole: no stale maps). Returns the
-    path of scores.csv; ``image_threshold`` overrides ``thresholds.image``.
+    path of scores.csv; ``image_threshold`` overrides ``thresholds.image``; ``colour_range``
+    the model's colour scale (:func:`colour_scale`).
     """
     if map_format not in MAP_FORMATS:
         raise PredictInputError(f"--format must be one of {', '.join(MAP_FORMATS)}")
@@ -174,7 +195,7 @@ def predict_images(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write(model, paths, work, thresholds, image_threshold, map_format, batch_size,
-               overlays, progress)  # fmt: skip
+               overlays, progress, colour_range)  # fmt: skip
         if out.exists() and any(out.iterdir()):
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "out")
@@ -216,6 +237,7 @@ def _write(
     batch_size: int,
     overlays: bool,
     progress: bool,
+    colour_range: tuple[float, float] | None,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -225,21 +247,25 @@ def _write(
     cut = image_threshold if image_threshold is not None else getattr(thresholds, "image", None)
     pixel_cut = getattr(thresholds, "pixel", None)
     (out / "maps").mkdir()
-    clim = None
-    bar = tqdm(total=len(paths), desc="predicting", unit="image", disable=not progress)
+    clim, clim_source = None, None
+    # disable=None: no bar when stderr is not a terminal (a log would get a line per update)
+    bar = tqdm(
+        total=len(paths), desc="predicting", unit="image", disable=None if progress else True
+    )
     with (out / "scores.csv").open("w", newline="") as handle, bar:
         rows = csv.writer(handle)
         rows.writerow(["path", "score"] + (["decision"] if cut is not None else []) + ["map"])
         for batch in iter_batches(model, paths, batch_size):
             if overlays and clim is None:
-                clim = colour_scale([amap for _, _, amap, _ in batch], pixel_cut)
+                maps = [amap for _, _, amap, _ in batch]
+                clim, clim_source = colour_scale(maps, thresholds, colour_range)
             for path, image, amap, score in batch:
                 name = next(names)
                 decision = [int(score > cut)] if cut is not None else []
                 rows.writerow([str(path), score, *decision, f"maps/{name}.{map_format}"])
                 save_map(amap, out / "maps" / f"{name}.{map_format}")
                 if overlays:
-                    pixels = overlay_pixels(image, amap, clim, pixel_cut)
+                    pixels = overlay_pixels(image, amap, clim, pixel_cut, score, cut)
                     Image.fromarray(pixels).save(out / "maps" / f"{name}.png", compress_level=1)
             bar.update(len(batch))
     summary = {
@@ -247,5 +273,6 @@ def _write(
         "image_threshold": cut,
         "thresholds": None if thresholds is None else json.loads(thresholds.to_json()),
         "colour_range": clim,
+        "colour_range_source": clim_source,
     }
     (out / "predict.json").write_text(json.dumps(summary, indent=2) + "\n")

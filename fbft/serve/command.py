@@ -3,8 +3,9 @@
 Writes ``OUT/scores.csv`` (path, score, decision = score > threshold when a threshold is known,
 and map: the image's map file), ``OUT/maps/<name>.npy`` (or ``.tiff``: the float32 map at the
 image's own H×W), ``OUT/maps/<name>.png`` (image | map over the image at full resolution, jet on
-one colour scale for every image; outlined in white at the pixel threshold when known) and
-``OUT/predict.json`` (thresholds, colour scale). <name> is the image's path relative to the
+the model's fixed colour scale; outlined in white at the pixel threshold when known; below, the
+image score, the colour bar and the outline's meaning) and ``OUT/predict.json`` (thresholds,
+colour scale). <name> is the image's path relative to the
 inputs' common folder, %-escaped. OUT must be new or empty (--overwrite replaces an earlier
 output); a failed run leaves none. Every error is one line, exit status 2.
 """
@@ -62,6 +63,14 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     parser.add_argument("--no-overlays", action="store_true", help="skip the .png overlays")
     parser.add_argument(
+        "--colour-range",
+        nargs=2,
+        type=float,
+        metavar=("LO", "HI"),
+        default=None,
+        help="the overlays' colour scale (default: the model's, calibrated with its thresholds)",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace an earlier output in --out (not merged)"
     )
     parser.set_defaults(func=_run)
@@ -82,6 +91,9 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(f"--batch-size must be at least 1; got {args.batch_size}")
     if args.threshold is not None and not math.isfinite(args.threshold):
         return _fail(f"--threshold must be a finite number; got {args.threshold}")
+    lo, hi = args.colour_range or (0.0, 1.0)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        return _fail(f"--colour-range needs finite LO < HI; got {lo} {hi}")
     try:
         check_output(args.out, args.overwrite)
         paths = collect_images(args.inputs, exclude=[args.out])
@@ -99,6 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         csv_path = predict_images(
             model, paths, args.out, thresholds, args.threshold, args.format, args.batch_size,
             overlays=not args.no_overlays, overwrite=args.overwrite,
+            colour_range=tuple(args.colour_range) if args.colour_range else None,
         )  # fmt: skip
     except (PredictInputError, DatasetError, OSError) as err:
         return _fail(f"{err}; nothing was written to {args.out}")

@@ -6,8 +6,9 @@ and, only with ``log_teacher=True``, the teacher's weights file. Otherwise the t
 referenced, not copied: the saved file names the teacher (a random-init teacher is rebuilt from
 its seed; a file teacher is read from its recorded path, checked by SHA-256 at load).
 The model is MLflow's models-from-code: its code is :mod:`fbft.serve.model_code`, given by path
-(nothing is pickled). Requirements are pinned to this environment and the fbft code travels
-with the model (``code_paths``), so loading installs nothing and works offline.
+(nothing is pickled). Requirements are pinned to this environment and the fbft modules the model
+imports travel with it (``code_paths``: :mod:`fbft.serve.package` says which and why), so
+loading installs nothing and works offline. The request and answer: :mod:`fbft.serve.frame`.
 
 mlflow and torch are imported on first use: ``import fbft.serve.pyfunc`` is cheap.
 """
@@ -16,58 +17,70 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
-from contextlib import nullcontext
-from importlib import metadata
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
+from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fbft.serve.thresholds import Thresholds
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from fbft.detectors.base import BaseDetector
 
 DETECTOR, THRESHOLDS, TEACHER = "detector", "thresholds", "teacher_weights"
-REQUIREMENTS = ("mlflow", "torch", "timm", "numpy", "pandas", "pillow", "scipy", "tqdm")
-PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the fbft package travels with the model
+REQUIREMENTS = (
+    "mlflow", "torch", "timm", "numpy", "pandas", "pillow", "scipy", "scikit-image", "tqdm",
+)  # fmt: skip
 MODEL_CODE = Path(__file__).resolve().with_name("model_code.py")  # MLflow models-from-code
+PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 class ModelReferenceError(FileNotFoundError):
     """A model file, folder or MLflow URI that cannot be found or read."""
 
 
-def score_frame(
-    detector: BaseDetector,
-    frame: pd.DataFrame,
-    thresholds: Thresholds | None = None,
-    batch_size: int = 16,
-) -> pd.DataFrame:
-    """Scores of the images named in ``frame["path"]`` (maps are computed and dropped)."""
-    import pandas as pd
-
-    from fbft.serve.batch import iter_batches
-
-    if "path" not in getattr(frame, "columns", ()):
-        raise ValueError("the model input needs a 'path' column of image file paths")
-    paths = [Path(p) for p in frame["path"]]
-    scores = [s for batch in iter_batches(detector, paths, batch_size) for *_, s in batch]
-    out = pd.DataFrame({"path": [str(p) for p in paths], "score": scores})
-    if thresholds is not None:
-        out["decision"] = out["score"] > thresholds.image
-    return out
-
-
 def signature(with_decision: bool) -> Any:
-    """Input: a string ``path`` column; output: path, score and (with thresholds) decision."""
+    """Inputs ``image`` (file bytes: base64 in JSON) or ``path``; params ``maps`` and
+    ``map_size``; outputs as :mod:`fbft.serve.frame` writes them."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
-    outputs = [ColSpec("string", "path"), ColSpec("double", "score")]
+    region = Object(
+        [Property(n, "long") for n in ("x", "y", "width", "height", "area")]
+        + [Property("peak", "double")]
+    )
+    inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", False)])
+    outputs = [ColSpec("string", "path", required=False), ColSpec("double", "score")]
     outputs += [ColSpec("boolean", "decision")] if with_decision else []
-    return ModelSignature(Schema([ColSpec("string", "path")]), Schema(outputs))
+    outputs += [
+        ColSpec("long", "height", required=False),
+        ColSpec("long", "width", required=False),
+        ColSpec(Array(Array("double")), "anomaly_map", required=False),
+        ColSpec("long", "map_scale", required=False),
+        ColSpec(Array(region), "components", required=False),
+        ColSpec("long", "n_components", required=False),
+    ]
+    params = ParamSchema([ParamSpec("maps", "boolean", False), ParamSpec("map_size", "long", 256)])
+    return ModelSignature(inputs, Schema(outputs), params)
+
+
+@contextmanager
+def quiet_artifacts() -> Iterator[None]:
+    """MLflow's artifact progress bar off while its stream (stderr) is not a terminal: in a log
+    each update is a line, one per file. ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``, when set,
+    decides."""
+    if PROGRESS_BAR_ENV in os.environ or sys.stderr.isatty():
+        yield
+        return
+    os.environ[PROGRESS_BAR_ENV] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(PROGRESS_BAR_ENV, None)
 
 
 def requirements() -> list[str]:
@@ -75,8 +88,8 @@ def requirements() -> list[str]:
     pinned = []
     for name in REQUIREMENTS:
         try:
-            pinned.append(f"{name}=={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
+            pinned.append(f"{name}=={package_metadata.version(name)}")
+        except package_metadata.PackageNotFoundError:
             continue
     return pinned
 
@@ -96,6 +109,8 @@ def log_model(
     """
     import mlflow
 
+    from fbft.serve import package
+
     model_file = Path(model_file)
     teacher = _teacher_reference(model_file, teacher_weights_file)
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,16 +127,18 @@ def log_model(
                     "(pass teacher_weights_file=PATH)"
                 )
             artifacts[TEACHER] = weights
+        metadata = {"method": teacher.pop("method"), "teacher": teacher}
+        metadata["thresholds"] = None if thresholds is None else asdict(thresholds)
         active = mlflow.active_run()
-        with nullcontext(active) if active else mlflow.start_run() as run:
+        with nullcontext(active) if active else mlflow.start_run() as run, quiet_artifacts():
             mlflow.pyfunc.log_model(
                 name=name,
                 python_model=str(MODEL_CODE),
                 artifacts=artifacts,
                 signature=signature(thresholds is not None),
                 pip_requirements=requirements(),
-                code_paths=[str(PACKAGE_DIR)],
-                metadata={"method": teacher.pop("method"), "teacher": teacher},
+                code_paths=[str(package.stage(Path(tmp) / "code"))],
+                metadata=metadata,
             )
     return f"runs:/{run.info.run_id}/{name}"
 
@@ -175,9 +192,10 @@ def load(
         # whatever tracking_uri says: point it there for the download only.
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
-        folder = mlflow.artifacts.download_artifacts(
-            artifact_uri=ref, tracking_uri=tracking_uri, registry_uri=tracking_uri
-        )
+        with quiet_artifacts():
+            folder = mlflow.artifacts.download_artifacts(
+                artifact_uri=ref, tracking_uri=tracking_uri, registry_uri=tracking_uri
+            )
     except (MlflowException, OSError) as err:
         where = tracking_uri or mlflow.get_tracking_uri()
         raise ModelReferenceError(

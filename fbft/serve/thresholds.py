@@ -34,6 +34,13 @@ class Thresholds:
     target_fpr: float
     n_images: int
     source: str
+    # The overlays' fixed colour scale (vmin, vmax): see :func:`colour_range`. None in records
+    # written before it existed.
+    colour_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.colour_range is not None:  # JSON gives a list
+            object.__setattr__(self, "colour_range", tuple(map(float, self.colour_range)))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -114,7 +121,16 @@ def calibrate(
         target_fpr=float(target_fpr),
         n_images=len(scores),
         source=f"image: {image_note}; pixel: {pixel_note}",
+        colour_range=colour_range(pixels, pixel),
     )
+
+
+def colour_range(nominal: np.ndarray, pixel: float, low: float = 0.01) -> tuple[float, float]:
+    """The overlays' colour scale, fixed when the model is calibrated so that every image, in
+    every run, is painted on the same one: from the ``low`` quantile of the nominal pixels to as
+    far above the pixel threshold, which sits mid-scale (green in jet: red is anomalous)."""
+    vmin = float(np.quantile(nominal, low))
+    return vmin, (2 * pixel - vmin) if pixel > vmin else vmin + 1e-6
 
 
 def decision_metrics(
