@@ -258,9 +258,11 @@ def summarise(
         f"\nwall time {_duration(wall)} · teacher passes {int(totals['cache/teacher_passes'])} · "
         f"student fits {int(totals['student_fits'])} · results in {where}"
     )
-    experiment = options.experiment or f"fbft-{study.name}"
-    print(f"MLflow: {tracking.ui_command(uri)}")
-    print(f"        experiment '{experiment}', parent run '{state.name}'")
+    info = client.get_run(parent).info
+    for line in tracking.ui_lines(uri, info.experiment_id):
+        print(line)
+    experiment = client.get_experiment(info.experiment_id).name
+    print(f"        experiment '{experiment}', run '{info.run_name}' (--resume {state.name})")
     if options.register and found.rows:
         _register(client, options, study, state=state, uri=uri)
     return 1 if found.failures else 0

@@ -12,22 +12,33 @@ import contextlib
 import fcntl
 import math
 import os
+import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from fbft.core.redact import redact  # also tracking.redact, for every caller in the study
+from fbft.metrics.keys import OFFICIAL_PREFIX
 
 TRIAL_TAG = "fbft.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # a run's description on its Overview page
 MODEL_TAG = "fbft.model"  # runs:/<id>/model on a child run that logged its detector
 KIND_TAG = "mlflow.experimentKind"  # MLflow 3: open the experiment in its model-training view
+# MLflow 3.x's UI opens every experiment in its GenAI view on a browser that has not chosen one
+# (localStorage ``mlflow.workflowType``); KIND_TAG does not switch it, this URL parameter does.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+UI_PORT = 5000  # where `mlflow ui` serves unless told otherwise (http://127.0.0.1:5000)
+# Metric charts: MLflow's run page shows one section per key prefix, prefixes sorted (capitals
+# before lower case), and the unprefixed "Model metrics" last; the key metrics are logged a
+# second time under this prefix so that a run's charts open on them, not on cache/ counters.
+KEY_SECTION = "Key metrics/"
+KEY_METRICS = ("i_auroc", "p_auroc", "aupro_30", "aupro_5", "aupro_5_q1", "rho_5")
 
 
 class TrackingError(Exception):
@@ -50,13 +61,60 @@ def resolve_tracking_uri(uri: str | None, cwd: str | os.PathLike[str] | None = N
 
 
 def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this store (credentials never printed)."""
+    """The command that serves the MLflow UI on this store (credentials never printed); a
+    server needs none: open :func:`experiment_link`."""
     if uri.startswith(("http://", "https://")):
-        return f"open {redact(uri)}"
+        return f"open {_server(uri)}"
     if uri.startswith("sqlite:///"):
         root = artifact_root(uri)
         return f"mlflow ui --backend-store-uri {redact(uri)} --default-artifact-root {root}"
     return f"mlflow ui --backend-store-uri {redact(uri)}"
+
+
+def experiment_link(uri: str, experiment_id: str) -> str:
+    """The experiment's runs in the UI's model-training view: on the server of an http(s)
+    tracking URI (without its credentials), else where :func:`ui_command` serves it."""
+    base = (
+        _server(uri) if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{UI_PORT}"
+    )
+    return f"{base}/#/experiments/{experiment_id}/runs?{MODEL_TRAINING_VIEW}"
+
+
+def ui_lines(uri: str, experiment_id: str) -> list[str]:
+    """What a study prints at its end: the command that serves the UI (none for a server) and
+    the direct link to the experiment in the model-training view."""
+    link = experiment_link(uri, experiment_id)
+    if uri.startswith(("http://", "https://")):
+        return [f"MLflow: {link}"]
+    return [f"MLflow: {ui_command(uri)}", f"        then open {link}"]
+
+
+def _server(uri: str) -> str:
+    """A server URI without user information, query or fragment."""
+    parts = urlsplit(uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def parent_run_name(study: str, roots: Sequence[str], synthetic: bool, key: str) -> str:
+    """The parent run's display name, ``few-shot · synthetic · 12-02 03:39 · 3c107e``: the
+    study, the data (folder names) and the date, time and tail of the resume key
+    (``few-shot-20261202-033903-3c107e``), which stays the storage folder and --resume name."""
+    data = "synthetic" if synthetic else "+".join(Path(r).name for r in roots)
+    found = re.search(r"-\d{4}(\d\d)(\d\d)-(\d\d)(\d\d)\d\d-(\w+)$", key)
+    when = f"{found[1]}-{found[2]} {found[3]}:{found[4]} · {found[5]}" if found else key
+    return f"{study} · {data} · {when}"
+
+
+def with_key_metrics(metrics: Mapping[str, float], protocol: str) -> dict[str, float]:
+    """``metrics`` with the detector's key metrics (in the tables' ``protocol``) first, as the
+    run page lists them in logging order, and again under :data:`KEY_SECTION`, the first
+    section of its charts."""
+    official = protocol == "official"
+    keys = [OFFICIAL_PREFIX + k if official and k.startswith(("aupro_", "rho_")) else k
+            for k in KEY_METRICS]  # fmt: skip
+    first = {k: metrics[k] for k in keys if k in metrics}
+    return {**first, **metrics, **{KEY_SECTION + k: v for k, v in first.items()}}
 
 
 def artifact_root(uri: str) -> str | None:
@@ -216,5 +274,6 @@ def log_series(client: MlflowClient, run_id: str, key: str, values: list[float])
 
 
 def finished_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
-    """Latest metric values of a run."""
-    return dict(client.get_run(run_id).data.metrics)
+    """Latest metric values of a run (the key metrics once, under their own names)."""
+    metrics = client.get_run(run_id).data.metrics
+    return {k: v for k, v in metrics.items() if not k.startswith(KEY_SECTION)}
