@@ -34,19 +34,19 @@ CHROMIUM_FLAGS = [
 
 # In the page: the run-name cells whose text the table cuts (CSS ellipsis), and the names shown.
 CUT_NAMES = """(() => {
-  const cells = [...document.querySelectorAll('[col-id="attributes.Run Name"] a,'
-                                             + '[col-id="attributes.Run Name"] span')];
-  const names = cells.filter(e => e.children.length === 0 && e.textContent.trim());
+  const names = [...document.querySelectorAll('.ag-row [col-id*="Run Name"] a span')];
   return {shown: names.map(e => e.textContent.trim()),
           cut: names.filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.textContent.trim())};
 })()"""
-EXPAND = """(() => { const b = [...document.querySelectorAll(
-  '[col-id="attributes.Run Name"] [role="button"], [col-id="attributes.Run Name"] button')];
+EXPAND = """(() => {
+  const b = [...document.querySelectorAll('.ag-row [col-id*="Run Name"] button')];
   b.forEach(e => e.click()); return b.length; })()"""
 CLOSE_ASSISTANT = """(() => { const b = [...document.querySelectorAll('button')].find(
   e => (e.getAttribute('aria-label') || '').match(/close/i)); if (b) b.click(); return !!b; })()"""
-SECTIONS = """[...document.querySelectorAll('button, h3, h4, span')].map(e => e.textContent.trim())
-  .filter(t => /^.{1,40} \\(\\d+\\)$/.test(t)).filter((t, i, a) => a.indexOf(t) === i)"""
+SECTIONS = """[...document.querySelectorAll('div, span, h3, h4')].filter(e =>
+  e.children.length === 0 && e.parentElement && !/^\\(\\d+\\)$/.test(e.textContent.trim())
+  && /^[^()]{1,60}\\s*\\(\\d+\\)$/.test(e.parentElement.textContent.trim()))
+  .map(e => e.textContent.trim()).filter((t, i, a) => t && a.indexOf(t) === i)"""
 
 
 def _free_port() -> int:
@@ -132,6 +132,8 @@ class Browser:
 
 async def _look(base: str, link: str, exp: Any, parent: Any, child: Any, out: Path) -> list[str]:
     """Visit the pages; the failed checks."""
+    from fbft.study import tracking
+
     failed: list[str] = []
 
     def check(ok: bool, what: str) -> None:
@@ -140,7 +142,10 @@ async def _look(base: str, link: str, exp: Any, parent: Any, child: Any, out: Pa
             failed.append(what)
 
     run_page = f"{base}/#/experiments/{exp.experiment_id}/runs"
-    with tempfile.TemporaryDirectory(prefix="fbft-chromium-") as profile:
+    view = "?" + tracking.MODEL_TRAINING_VIEW  # run pages as after a click on "Model training"
+    with tempfile.TemporaryDirectory(
+        prefix="fbft-chromium-", ignore_cleanup_errors=True
+    ) as profile:
         async with Browser(Path(profile)) as page:
             print(f"link       {link}")
             text = await page.open(link, parent.info.run_name)
@@ -157,11 +162,11 @@ async def _look(base: str, link: str, exp: Any, parent: Any, child: Any, out: Pa
             check(child.info.run_name in names["shown"], "child runs listed under the parent")
             check(not names["cut"], f"run names shown whole (cut: {names['cut']})")
             print(f"parent     {out / 'parent.png'}")
-            text = await page.open(f"{run_page}/{parent.info.run_id}", "Description")
+            text = await page.open(f"{run_page}/{parent.info.run_id}{view}", "Description")
             await page.shot(out / "parent.png")
             check("| " in text or "trials" in text, "the parent's description holds the table")
             print(f"metrics    {out / 'metrics.png'}")
-            await page.open(f"{run_page}/{child.info.run_id}/model-metrics", "(")
+            await page.open(f"{run_page}/{child.info.run_id}/model-metrics{view}", "Key metrics")
             await asyncio.sleep(3)
             await page.shot(out / "metrics.png")
             sections = await page.js(SECTIONS) or []
@@ -169,7 +174,9 @@ async def _look(base: str, link: str, exp: Any, parent: Any, child: Any, out: Pa
             check(bool(sections) and sections[0].startswith("Key metrics"),
                   "the metric charts open on the key metrics")  # fmt: skip
             print(f"artifacts  {out / 'artifacts.png'}")
-            text = await page.open(f"{run_page}/{child.info.run_id}/artifacts", "pro_curve.png")
+            text = await page.open(
+                f"{run_page}/{child.info.run_id}/artifacts{view}", "pro_curve.png"
+            )
             await page.shot(out / "artifacts.png")
             check("pro_curve.png" in text and "maps" in text, "artifacts: figures and maps")
     return failed

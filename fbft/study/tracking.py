@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import math
 import os
 import re
@@ -33,6 +34,13 @@ KIND_TAG = "mlflow.experimentKind"  # MLflow 3: open the experiment in its model
 # MLflow 3.x's UI opens every experiment in its GenAI view on a browser that has not chosen one
 # (localStorage ``mlflow.workflowType``); KIND_TAG does not switch it, this URL parameter does.
 MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+# MLflow 3's own "shared view" (an experiment tag the runs page applies when the URL names its
+# key): a Run Name column wide enough for whole nested run names (its 190 px cut them at ~11
+# characters). The link a study prints names it.
+VIEW_KEY = "fbft"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+_RUN_NAME_COLUMN = "attributes.`Run Name`"
+VIEW_STATE = {"columnOrder": [_RUN_NAME_COLUMN], "columnWidths": {_RUN_NAME_COLUMN: 400}}
 UI_PORT = 5000  # where `mlflow ui` serves unless told otherwise (http://127.0.0.1:5000)
 # Metric charts: MLflow's run page shows one section per key prefix, prefixes sorted (capitals
 # before lower case), and the unprefixed "Model metrics" last; the key metrics are logged a
@@ -77,7 +85,8 @@ def experiment_link(uri: str, experiment_id: str) -> str:
     base = (
         _server(uri) if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{UI_PORT}"
     )
-    return f"{base}/#/experiments/{experiment_id}/runs?{MODEL_TRAINING_VIEW}"
+    view = f"{MODEL_TRAINING_VIEW}&viewStateShareKey={VIEW_KEY}"
+    return f"{base}/#/experiments/{experiment_id}/runs?{view}"
 
 
 def ui_lines(uri: str, experiment_id: str) -> list[str]:
@@ -215,8 +224,10 @@ def start_parent_run(
     params: Mapping[str, Any],
     tags: Mapping[str, str],
 ) -> str:
-    """Create the parent run of a study invocation and return its id."""
+    """Create the parent run of a study invocation (``run_name``: its display name) and return
+    its id; (re)write the experiment's shared view that the printed link opens."""
     exp = experiment_id(client, experiment, client.tracking_uri)
+    client.set_experiment_tag(exp, VIEW_TAG, json.dumps(VIEW_STATE))
     run = client.create_run(exp, run_name=run_name, tags=dict(tags))
     log_params(client, run.info.run_id, params)
     return run.info.run_id
