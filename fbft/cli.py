@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fbft.cache import admin as cache_admin
 from fbft.cache import features
+from fbft.cache.common import human_bytes
 from fbft.data import synthetic
 from fbft.serve import command as predict
 
@@ -65,7 +66,8 @@ def _root(args: argparse.Namespace) -> Path:
 
 def _info(args: argparse.Namespace) -> int:
     summary = cache_admin.info(_root(args))
-    print(f"cache {summary['root']}")
+    made = cache_admin.datasets(_root(args).parent / "synthetic")
+    print(f"cache {Path(summary['root']).parent}")
     for t in summary["teachers"]:
         ident = t["identity"]
         if t["current"]:
@@ -74,15 +76,20 @@ def _info(args: argparse.Namespace) -> int:
             what = (
                 f"{ident.get('backbone', '?')} {ident.get('image_size', '?')}px "
                 f"layers {ident.get('layers', '?')} {ident.get('dtype', '?')}: "
-                f"{t['entries']} entries, {_gb(t['bytes'])}, last used {last}"
+                f"{t['entries']} entries, {human_bytes(t['bytes'])}, last used {last}"
             )
         else:
-            what = f"old cache version, unreadable: {_gb(t['bytes'])} (removed by prune)"
-        print(f"  {t['id']}  {what}")
+            what = f"old cache version, unreadable: {human_bytes(t['bytes'])} (removed by prune)"
+        print(f"  features/{t['id']}  {what}")
+    for d in made:
+        cats = ", ".join(d["categories"]) or "none finished"
+        print(f"  synthetic/{d['id']}  generated data: {cats}; {human_bytes(d['bytes'])}")
     free = summary["free_bytes"]
+    data = sum(d["bytes"] for d in made)
     print(
-        f"total {summary['entries']} entries, {_gb(summary['bytes'])}; "
-        f"free disk {'?' if free is None else _gb(free)}"
+        f"total {summary['entries']} entries, {human_bytes(summary['bytes'])}"
+        + (f"; synthetic data {human_bytes(data)}" if made else "")
+        + f"; free disk {'?' if free is None else human_bytes(free)}"
     )
     return 0
 
@@ -94,14 +101,10 @@ def _prune(args: argparse.Namespace) -> int:
         return 0
     result = cache_admin.prune(root, args.max_gb, args.older_than, args.teacher, args.all)
     print(
-        f"removed {result.removed} entries ({_gb(result.freed_bytes)}); "
+        f"removed {result.removed} entries ({human_bytes(result.freed_bytes)}); "
         f"{result.busy} in use by a trial were kept"
     )
     return 0
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
 
 
 if __name__ == "__main__":

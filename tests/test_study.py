@@ -6,8 +6,12 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -88,7 +92,7 @@ def few(workdir):
 
 
 def test_register_keeps_the_best_model_of_each_category_with_its_provenance(workdir, few):
-    client, parents, children = runs_of(workdir, "few")
+    client, _, children = runs_of(workdir, "few")
     versions = client.search_model_versions("name = 'few-models'")
     by_category = {v.tags["category"]: v for v in versions}
     assert sorted(by_category) == ["gravel", "parts"]  # one per category, not one per study
@@ -101,7 +105,8 @@ def test_register_keeps_the_best_model_of_each_category_with_its_provenance(work
         )
         assert float(version.tags["value"]) == pytest.approx(best.data.metrics["official_aupro_5"])
         assert version.tags["teacher_weights"] == "random" and "RANDOM-INIT" in version.description
-        assert version.tags["study"] == parents[0].info.run_name
+        key = next((workdir / "ray_results-few").glob("few-shot-*")).name  # the resume key
+        assert version.tags["study"] == key  # the parent's run name is for display only
         assert f"models:/few-models/{version.version}" in few
 
 
@@ -125,6 +130,17 @@ def test_few_shot_study_logs_one_parent_and_a_child_per_trial(workdir, few):
     }
     experiment = client.get_experiment_by_name("few")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # the UI: a parent named after the study and the data, the direct link, a wide Run Name
+    key = next((workdir / "ray_results-few").glob("few-shot-*")).name
+    _, day, hms, tail = key.rsplit("-", 3)
+    shown = f"few-shot · data · {day[4:6]}-{day[6:]} {hms[:2]}:{hms[2:4]} · {tail}"
+    assert parent.info.run_name == shown
+    assert f"run '{shown}' (--resume {key})" in out
+    link = (f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+            "?workflowType=machine_learning&viewStateShareKey=fbft")  # fmt: skip
+    assert f"        then open {link}\n" in out
+    view = json.loads(experiment.tags["mlflow.sharedViewState.fbft"])
+    assert view["columnWidths"]["attributes.`Run Name`"] >= 360
     assert experiment.artifact_location.startswith((workdir / "mlartifacts").as_uri())
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -134,6 +150,8 @@ def test_few_shot_study_logs_one_parent_and_a_child_per_trial(workdir, few):
             child.data.metrics
         )
         assert child.data.metrics["student_fits"] == 1
+        for key in ("i_auroc", "official_aupro_5", "official_rho_5"):  # the charts' first section
+            assert child.data.metrics[f"Key metrics/{key}"] == child.data.metrics[key]
         tags, params = child.data.tags, child.data.params
         assert tags["teacher_weights"] == "random" and tags["preset"] == "cpu"
         assert tags["category"] in ("gravel", "parts") and tags["method"] == "fbft"
@@ -182,6 +200,30 @@ def test_fbft_predict_on_a_trials_model_gives_the_saved_detectors_scores(workdir
     assert len(scores) == len(paths) and "decision" in scores
     assert scores["score"].tolist() == pytest.approx(expected, rel=1e-5)
     assert all((out / "maps").glob("*.npy"))
+
+
+def test_a_study_command_starts_its_own_ray_without_the_token_auth_notice(workdir):
+    """As a user runs it: the script in its own process, its own local Ray cluster (a fresh,
+    short RAY_TMPDIR), Ray's token authentication left at its default."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    env.update(
+        RAY_TMPDIR=ray_tmp, PYTHONPATH=os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    )
+    argv = [sys.executable, str(STUDIES / "few_shot.py"), "--data", str(workdir / "data"),
+            "--categories", "gravel", "--shots", "2", "--experiment", "command",
+            "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+            "--storage", str(workdir / "ray_results-command"),
+            "--cache-dir", str(workdir / "cache-command"), *tiny_flags(epochs=1)]  # fmt: skip
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "| shots |" in done.stdout and "Token authentication" not in out
+    assert "then open http://127.0.0.1:5000/#/experiments/" in done.stdout
 
 
 def test_a_second_identical_study_runs_no_teacher_pass_but_heals_a_corrupt_entry(workdir, few):

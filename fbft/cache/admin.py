@@ -177,3 +177,23 @@ def _tree_bytes(path: Path) -> int:
             st = entry.stat(follow_symlinks=False)
             total += st.st_size if stat.S_ISREG(st.st_mode) else 0
     return total
+
+
+def datasets(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The generated data sets a study keeps beside the tokens (``<cache>/synthetic/<version>``):
+    bytes and finished categories of each, so that ``fbft cache info`` accounts for the whole
+    cache folder. A category is finished once its name is in the set's folder (a link made
+    after generation); half-made ones count in the bytes only."""
+    out = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+            if not entry.is_dir(follow_symlinks=False) or entry.name.startswith("."):
+                continue
+            cats = sorted(
+                e.name
+                for e in os.scandir(entry.path)
+                if not e.name.startswith(".") and (e.is_symlink() or e.is_dir())
+            )
+            out.append({"id": entry.name, "bytes": _tree_bytes(Path(entry.path)),
+                        "categories": cats})  # fmt: skip
+    return out

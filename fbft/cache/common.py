@@ -40,6 +40,19 @@ def default_cache_dir() -> Path:
     return base / "fbft"
 
 
+def human_bytes(n: float) -> str:
+    """``3.1 MB`` rather than ``0.00 GB``: decimal units (as ``du --si`` and disk makers use),
+    two or three significant digits."""
+    unit = "B"
+    for unit in ("B", "kB", "MB", "GB"):
+        if round(abs(n)) < 1000 or unit == "GB":
+            break
+        n /= 1000
+    if unit == "B" or abs(n) >= 99.5:
+        return f"{n:.0f} {unit}"
+    return f"{n:.1f} {unit}"
+
+
 def content_hash(path: str | os.PathLike[str]) -> str:
     """SHA-256 of an image file's bytes (a FIFO or device in a data folder cannot block it)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -130,6 +130,7 @@ def cache_line(cache_root: Path, options: Options) -> str:
     if options.no_cache:
         return "off (--no-cache: the teacher runs in every trial)"
     from fbft.cache.admin import info
+    from fbft.cache.common import human_bytes
     from fbft.cache.files import free_bytes
 
     folder = cache_root / "features"
@@ -137,6 +138,6 @@ def cache_line(cache_root: Path, options: Options) -> str:
     free = free_bytes(folder)  # the cache's own filesystem, also while it does not exist yet
     limit = f", limit {options.cache_max_gb:g} GB" if options.cache_max_gb else ""
     return (
-        f"{folder}: {size / 1e9:.2f} GB used, {free / 1e9:.0f} GB free on disk, "
+        f"{folder}: {human_bytes(size)} used, {human_bytes(free)} free on disk, "
         f"{options.cache_dtype}{limit}"
     )

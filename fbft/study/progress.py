@@ -27,6 +27,18 @@ def quiet_ray(verbose: bool) -> None:
     for name in ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module="ray")
+    # ray.init sets the "ray" logger's level again; a filter on the logger that says it stays
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _NoAuthNotice) for f in auth.filters):
+        auth.addFilter(_NoAuthNotice())
+
+
+class _NoAuthNotice(logging.Filter):
+    """Ray 2.5x's "Token authentication is enabled for this Ray cluster" on every local
+    cluster (a notice, not a problem: the token is Ray's default); other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
 
 
 def work_weights(cells: Sequence[Cell], base: Any) -> list[float]:

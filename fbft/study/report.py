@@ -236,14 +236,7 @@ def summarise(
                           protocol=options.protocol)  # fmt: skip
         client.log_artifacts(parent, str(out))
     totals = {k: float(sum(r.get(k, 0.0) for r in found.rows)) for k in TOTALS}
-    counts = {
-        **(phases or {}),
-        "time/wall_seconds": wall,
-        "trials_done": found.finished,
-        "trials_failed": len(found.failures),
-        "teacher_passes": totals["cache/teacher_passes"],
-        "student_fits": totals["student_fits"],
-    }
+    counts: dict[str, float] = {}  # the run page lists metrics in logging order: means first
     if means is not None and study.search is None:
         for r in means.to_dict("records"):
             label = "_".join(f"{k}_{r[k]}" for k in [a.name for a in study.axes] if k in r)
@@ -251,6 +244,14 @@ def summarise(
             counts.update(
                 {f"{label}/{c}": r[c] for c in r if isinstance(r[c], float) and np.isfinite(r[c])}
             )
+    counts.update({
+        "trials_done": found.finished,
+        "trials_failed": len(found.failures),
+        "teacher_passes": totals["cache/teacher_passes"],
+        "student_fits": totals["student_fits"],
+        **(phases or {}),
+        "time/wall_seconds": wall,
+    })  # fmt: skip
     tracking.log_metrics(client, parent, counts)
     tracking.set_tags(client, parent, {tracking.NOTE_TAG: f"# {study.title}\n\n{text}\n"})
     client.set_terminated(parent, "FAILED" if found.failures and not found.rows else "FINISHED")
@@ -265,9 +266,11 @@ def summarise(
         f"\nwall time {_duration(wall)} · teacher passes {int(totals['cache/teacher_passes'])} · "
         f"student fits {int(totals['student_fits'])} · results in {where}"
     )
-    experiment = options.experiment or f"fbft-{study.name}"
-    print(f"MLflow: {tracking.ui_command(uri)}")
-    print(f"        experiment '{experiment}', parent run '{state.name}'")
+    info = client.get_run(parent).info
+    for line in tracking.ui_lines(uri, info.experiment_id):
+        print(line)
+    experiment = client.get_experiment(info.experiment_id).name
+    print(f"        experiment '{experiment}', run '{info.run_name}' (--resume {state.name})")
     if options.register and found.rows:
         _register(client, options, study, state=state, uri=uri)
     return 1 if found.failures else 0

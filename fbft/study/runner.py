@@ -101,7 +101,8 @@ def run(study: Study, options: Options) -> int:
         unused = {"axes"} | (set() if study.search else {"asha", "num_samples", "metric"})
         params.update({k: show(v) for k, v in options.comparable().items() if k not in unused})
         params.update({k: show(v) for k, v in options.axes.items()})
-        parent = tracking.start_parent_run(client, experiment, name, params, tags)
+        shown = tracking.parent_run_name(study.name, plan.data.roots, plan.data.synthetic, name)
+        parent = tracking.start_parent_run(client, experiment, shown, params, tags)
         state = StudyState(
             name=name,
             parent_run_id=parent,

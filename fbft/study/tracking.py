@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import math
 import os
+import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from fbft.core.redact import redact  # also tracking.redact, for every caller in the study
+from fbft.metrics.keys import OFFICIAL_PREFIX
 
 TRIAL_TAG = "fbft.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
@@ -29,6 +32,22 @@ NOTE_TAG = "mlflow.note.content"  # a run's description on its Overview page
 MODEL_TAG = "fbft.model"  # runs:/<id>/model on a child run that logged its detector
 STORE_WAIT_ENV = "FBFT_STORE_WAIT_SECONDS"  # how long a busy SQLite store is waited for
 KIND_TAG = "mlflow.experimentKind"  # MLflow 3: open the experiment in its model-training view
+# MLflow 3.x's UI opens every experiment in its GenAI view on a browser that has not chosen one
+# (localStorage ``mlflow.workflowType``); KIND_TAG does not switch it, this URL parameter does.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+# MLflow 3's own "shared view" (an experiment tag the runs page applies when the URL names its
+# key): a Run Name column wide enough for whole nested run names (its 190 px cut them at ~11
+# characters). The link a study prints names it.
+VIEW_KEY = "fbft"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+_RUN_NAME_COLUMN = "attributes.`Run Name`"
+VIEW_STATE = {"columnOrder": [_RUN_NAME_COLUMN], "columnWidths": {_RUN_NAME_COLUMN: 400}}
+UI_PORT = 5000  # where `mlflow ui` serves unless told otherwise (http://127.0.0.1:5000)
+# Metric charts: MLflow's run page shows one section per key prefix, prefixes sorted (capitals
+# before lower case), and the unprefixed "Model metrics" last; the key metrics are logged a
+# second time under this prefix so that a run's charts open on them, not on cache/ counters.
+KEY_SECTION = "Key metrics/"
+KEY_METRICS = ("i_auroc", "p_auroc", "aupro_30", "aupro_5", "aupro_5_q1", "rho_5")
 
 
 class TrackingError(Exception):
@@ -51,13 +70,61 @@ def resolve_tracking_uri(uri: str | None, cwd: str | os.PathLike[str] | None = N
 
 
 def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this store (credentials never printed)."""
+    """The command that serves the MLflow UI on this store (credentials never printed); a
+    server needs none: open :func:`experiment_link`."""
     if uri.startswith(("http://", "https://")):
-        return f"open {redact(uri)}"
+        return f"open {_server(uri)}"
     if uri.startswith("sqlite:///"):
         root = artifact_root(uri)
         return f"mlflow ui --backend-store-uri {redact(uri)} --default-artifact-root {root}"
     return f"mlflow ui --backend-store-uri {redact(uri)}"
+
+
+def experiment_link(uri: str, experiment_id: str) -> str:
+    """The experiment's runs in the UI's model-training view: on the server of an http(s)
+    tracking URI (without its credentials), else where :func:`ui_command` serves it."""
+    base = (
+        _server(uri) if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{UI_PORT}"
+    )
+    view = f"{MODEL_TRAINING_VIEW}&viewStateShareKey={VIEW_KEY}"
+    return f"{base}/#/experiments/{experiment_id}/runs?{view}"
+
+
+def ui_lines(uri: str, experiment_id: str) -> list[str]:
+    """What a study prints at its end: the command that serves the UI (none for a server) and
+    the direct link to the experiment in the model-training view."""
+    link = experiment_link(uri, experiment_id)
+    if uri.startswith(("http://", "https://")):
+        return [f"MLflow: {link}"]
+    return [f"MLflow: {ui_command(uri)}", f"        then open {link}"]
+
+
+def _server(uri: str) -> str:
+    """A server URI without user information, query or fragment."""
+    parts = urlsplit(uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def parent_run_name(study: str, roots: Sequence[str], synthetic: bool, key: str) -> str:
+    """The parent run's display name, ``few-shot · synthetic · 12-02 03:39 · 3c107e``: the
+    study, the data (folder names) and the date, time and tail of the resume key
+    (``few-shot-20261202-033903-3c107e``), which stays the storage folder and --resume name."""
+    data = "synthetic" if synthetic else "+".join(Path(r).name for r in roots)
+    found = re.search(r"-\d{4}(\d\d)(\d\d)-(\d\d)(\d\d)\d\d-(\w+)$", key)
+    when = f"{found[1]}-{found[2]} {found[3]}:{found[4]} · {found[5]}" if found else key
+    return f"{study} · {data} · {when}"
+
+
+def with_key_metrics(metrics: Mapping[str, float], protocol: str) -> dict[str, float]:
+    """``metrics`` with the detector's key metrics (in the tables' ``protocol``) first, as the
+    run page lists them in logging order, and again under :data:`KEY_SECTION`, the first
+    section of its charts."""
+    official = protocol == "official"
+    keys = [OFFICIAL_PREFIX + k if official and k.startswith(("aupro_", "rho_")) else k
+            for k in KEY_METRICS]  # fmt: skip
+    first = {k: metrics[k] for k in keys if k in metrics}
+    return {**first, **metrics, **{KEY_SECTION + k: v for k, v in first.items()}}
 
 
 def artifact_root(uri: str) -> str | None:
@@ -207,8 +274,10 @@ def start_parent_run(
     params: Mapping[str, Any],
     tags: Mapping[str, str],
 ) -> str:
-    """Create the parent run of a study invocation and return its id."""
+    """Create the parent run of a study invocation (``run_name``: its display name) and return
+    its id; (re)write the experiment's shared view that the printed link opens."""
     exp = experiment_id(client, experiment, client.tracking_uri)
+    client.set_experiment_tag(exp, VIEW_TAG, json.dumps(VIEW_STATE))
     run = client.create_run(exp, run_name=run_name, tags=dict(tags))
     log_params(client, run.info.run_id, params)
     return run.info.run_id
@@ -266,5 +335,6 @@ def log_series(client: MlflowClient, run_id: str, key: str, values: list[float])
 
 
 def finished_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
-    """Latest metric values of a run."""
-    return dict(client.get_run(run_id).data.metrics)
+    """Latest metric values of a run (the key metrics once, under their own names)."""
+    metrics = client.get_run(run_id).data.metrics
+    return {k: v for k, v in metrics.items() if not k.startswith(KEY_SECTION)}

@@ -247,6 +247,8 @@ class _Runs:
         for i, run_id in enumerate(self.ids):
             metrics = dict(outcome.metrics[i])
             metrics.update(outcome.counters if i == 0 else {"student_fits": 0.0})
+            if not prefixed:  # the key metrics first in the run page's lists and charts
+                metrics = tracking.with_key_metrics(metrics, self.context.settings.protocol)
             tracking.log_metrics(self.client, run_id, {prefix + k: v for k, v in metrics.items()})
             if not prefixed:
                 tracking.log_params(self.client, run_id, {"category": category, **outcome.sizes})
@@ -291,6 +293,7 @@ class _Runs:
 
         if len(self.cell.categories) > 1:  # running means, one step per category
             for run_id, m in zip(self.ids, means, strict=True):
+                m = tracking.with_key_metrics(m, self.context.settings.protocol)
                 tracking.log_metrics(self.client, run_id, m, step=done)
 
     def stopped(self, done: int, total: int) -> None:
