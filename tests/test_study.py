@@ -471,3 +471,35 @@ def test_a_study_that_loses_its_state_while_running_does_not_report_success(work
     assert parents[0].data.tags["fbft.state_vanished"] == "true"
     assert len(children) == 1
     assert next(storage.glob("few-shot-*/fbft_study.json")).is_file()  # written back
+
+
+def test_a_tune_error_during_the_trials_leaves_mlflow_true_and_resumes(
+    workdir, capsys, monkeypatch
+):
+    """Tune's controller itself failing (here: a callback raising, as Tune does on an internal
+    error) ends the study with the resume command and no RUNNING run; --resume finishes."""
+    from fbft.study.progress import Progress
+
+    original = Progress.on_step_begin
+
+    def broken(self, iteration, trials, **info):
+        original(self, iteration, trials, **info)
+        if any(t.status == "TERMINATED" for t in trials):  # once a trial has finished
+            raise RuntimeError("injected failure inside Tune's controller")
+
+    monkeypatch.setattr(Progress, "on_step_begin", broken)
+    flags = ["--shots", "2", "3", "--categories", "gravel"]
+    assert run(workdir, "few_shot", *flags, experiment="crash") == 1
+    captured = capsys.readouterr()
+    assert "injected failure" in captured.err and "Traceback" not in captured.err + captured.out
+    assert "resume with: " in captured.out
+    _, parents, children = runs_of(workdir, "crash")
+    assert parents[0].info.status == "FAILED"
+    assert not [c for c in [*parents, *children] if c.info.status == "RUNNING"]
+    monkeypatch.setattr(Progress, "on_step_begin", original)
+    name = next((workdir / "ray_results-crash").glob("few-shot-*/fbft_study.json")).parent.name
+    assert run(workdir, "few_shot", *flags, "--resume", name, experiment="crash") == 0
+    _, parents, children = runs_of(workdir, "crash")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(c.data.params["shots"] for c in children) == ["2", "3"]
+    assert all(c.info.status == "FINISHED" for c in children)
