@@ -109,8 +109,8 @@ def autocast(rec: Recorder, ctx: dict[str, Any], precision: str) -> dict[str, An
         config(ctx, device=str(rec.device), precision=precision), data
     )
     sample = data["test"][:4]
-    tokens = rel_diff([t[1] for t in base.teacher_tokens(sample)],
-                      [t[1] for t in model.teacher_tokens(sample)])  # fmt: skip
+    ours, theirs = (m.teacher.encode(sample, m.config.batch_size) for m in (base, model))
+    tokens = rel_diff([t[1] for t in ours], [t[1] for t in theirs])
     values = {"tokens_rel_diff": tokens, **{f"{k}_diff": abs(metrics[k] - base_metrics[k])
                                             for k in METRICS}}  # fmt: skip
     values.update({k: metrics[k] for k in METRICS})
@@ -122,7 +122,7 @@ def tiers(rec: Recorder, ctx: dict[str, Any]) -> dict[str, Any]:
     """The same tokens from each tier: students bit-equal (same values, same arithmetic)."""
     base = rec.state["dev"][0]
     cfg = config(ctx, device=str(rec.device))
-    tokens = base.teacher_tokens(rec.state["data"]["train"])
+    tokens = base.teacher.encode(rec.state["data"]["train"], base.config.batch_size)
     stores = {"device": TokenStore.of(tokens, rec.device, None)}
     host = TokenStore(rec.device, None)
     host.budget = {"device": 0, "host": 1 << 62}  # no device room: every image in (pinned) host

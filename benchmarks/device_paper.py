@@ -133,7 +133,7 @@ def maps(rec: Recorder, s: dict[str, Any]) -> dict[str, Any]:
     tokens = [(torch.randn(grid**2, dim, generator=gen), torch.randn(grid**2, dim, generator=gen))
               for _ in range(n)]  # fmt: skip
     warmup, repeat = s["timing"]
-    runs = [model.predict_tokens(tokens, [(side, side)] * n).seconds
+    runs = [model.predict_variants(tokens, [(side, side)] * n)[0].seconds
             for _ in range(warmup + repeat)][warmup:]  # fmt: skip
     return {f"{k}_ms_per_image": 1000 * float(np.median([r[k] for r in runs])) / n
             for k in ("students", "maps")}  # fmt: skip
@@ -151,7 +151,9 @@ def cached(rec: Recorder, s: dict[str, Any]) -> dict[str, Any]:
     """Teacher once per image (pre-processing included), then ``cached_epochs`` on the tokens."""
     images, epochs = _images(s, rec), s["cached_epochs"]
     model = paper_model(s, "fp32", rec.device, epochs=epochs)
-    tokens, teacher_s = clock(lambda: model.teacher_tokens(images), rec.device)
+    tokens, teacher_s = clock(
+        lambda: model.teacher.encode(images, model.config.batch_size), rec.device
+    )
     _, fit_s = clock(lambda: model.fit_tokens(tokens), rec.device)
     n = len(images)
     rec.state["cached"] = {"teacher_s_per_image": teacher_s / n,
@@ -164,7 +166,7 @@ def per_epoch(rec: Recorder, s: dict[str, Any]) -> dict[str, Any]:
     """The official loop (pre-processing + teacher on every batch of every epoch)."""
     images, epochs = _images(s, rec), s["per_epoch_epochs"]
     model = paper_model(s, "fp32", rec.device, epochs=epochs)
-    _, seconds = clock(lambda: model.fit_per_epoch(images), rec.device)
+    _, seconds = clock(lambda: model.fit(images, teacher_per_epoch=True), rec.device)
     rec.state["loop"] = {"image_epoch_s": seconds / epochs / len(images)}
     return {"images": len(images), "epochs": epochs, "seconds": seconds, **rec.state["loop"]}
 
