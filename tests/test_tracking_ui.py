@@ -111,7 +111,8 @@ def test_rays_token_auth_notice_is_silenced_unless_verbose():
             seen.append(record.getMessage())
 
     logger = logging.getLogger(auth.__name__)
-    handler, level = Keep(), logger.level
+    handler, level, earlier = Keep(), logger.level, list(logger.filters)
+    logger.filters.clear()  # a study run earlier in this process may have added the filter
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)  # as ray.init leaves it: the notice is a WARNING
     try:
@@ -125,4 +126,4 @@ def test_rays_token_auth_notice_is_silenced_unless_verbose():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-        logger.filters.clear()
+        logger.filters[:] = earlier

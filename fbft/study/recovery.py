@@ -55,7 +55,7 @@ def find(client: Any, experiment: str, name: str | None, kind: str) -> StudyStat
     pattern = name if name is not None else f"{kind}-%"
     runs = client.search_runs(
         [found.experiment_id],
-        filter_string=f"attributes.run_name LIKE '{pattern}'",
+        filter_string=f"tags.`{tracking.KEY_TAG}` LIKE '{pattern}'",
         order_by=["attributes.start_time DESC"],
         max_results=100,
     )

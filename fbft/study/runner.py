@@ -94,6 +94,7 @@ def run(study: Study, options: Options) -> int:
             "preset": plan.preset,
             "preset_reason": plan.preset_reason,
             "study": study.name,
+            tracking.KEY_TAG: name,
             "fbft.data": ",".join(plan.data.roots),
             tracking.NOTE_TAG: f"{study.title} (running)",
         }

@@ -29,6 +29,7 @@ from fbft.metrics.keys import OFFICIAL_PREFIX
 TRIAL_TAG = "fbft.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # a run's description on its Overview page
+KEY_TAG = "fbft.study_key"  # a parent run's resume key (its run name is a display name)
 MODEL_TAG = "fbft.model"  # runs:/<id>/model on a child run that logged its detector
 STORE_WAIT_ENV = "FBFT_STORE_WAIT_SECONDS"  # how long a busy SQLite store is waited for
 KIND_TAG = "mlflow.experimentKind"  # MLflow 3: open the experiment in its model-training view
