@@ -31,7 +31,6 @@ TINY = [
     "--backbone", "vit_small_patch14_reg4_dinov2", "--weights", "random",
     "--backbone-kwargs", json.dumps({"depth": 4, "embed_dim": 48, "num_heads": 2}),
     "--image-size", "56", "--layers", "2,4", "--epochs", "30", "--pictures", "1",
-    "--preset", "cpu",  # a remote cluster without GPUs: say so (else exit 2, issue 19)
 ]  # fmt: skip
 
 
@@ -84,7 +83,8 @@ def run_study(
     argv = [
         sys.executable, str(ROOT / "studies" / "few_shot.py"), "--data", str(data),
         "--shots", "2", "3", "--cache-dir", str(tmp / "cache"), "--experiment", "cluster",
-        *TINY, *flags,
+        *TINY, "--preset", "cpu",  # a remote cluster without GPUs says so (else exit 2)
+        *flags,
     ]  # fmt: skip
     return subprocess.run(argv, cwd=tmp, capture_output=True, text=True, timeout=420, env=env)
 
