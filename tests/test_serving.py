@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from tiny import TINY, textures, tiny_config, with_defect
+from tiny import TINY, textures, tiny_config, tracking_store, with_defect
 
 from fbft import FBFT
 from fbft.cli import main
@@ -27,15 +27,8 @@ from fbft.serve.thresholds import Thresholds
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """A fresh SQLite tracking store, the global tracking URI restored afterwards."""
-    tmp = tmp_path_factory.mktemp("mlflow")
-    previous = mlflow.get_tracking_uri()
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    mlflow.create_experiment("serving", artifact_location=str(tmp / "artifacts"))  # not ./mlruns
-    mlflow.set_experiment("serving")
-    yield uri
-    mlflow.set_tracking_uri(previous)
+    with tracking_store(tmp_path_factory.mktemp("mlflow"), "serving") as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")

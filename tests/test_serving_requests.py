@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from tiny import textures, tiny_config, with_defect
+from tiny import textures, tiny_config, tracking_store, with_defect
 
 from fbft import FBFT
 from fbft.cli import main
@@ -30,14 +30,8 @@ from fbft.serve.thresholds import calibrate
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mlflow")
-    previous = mlflow.get_tracking_uri()
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    mlflow.create_experiment("requests", artifact_location=str(tmp / "artifacts"))  # not ./mlruns
-    mlflow.set_experiment("requests")
-    yield uri
-    mlflow.set_tracking_uri(previous)
+    with tracking_store(tmp_path_factory.mktemp("mlflow"), "requests") as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -55,3 +56,20 @@ def with_defect(image: np.ndarray, box: tuple[int, int, int, int]) -> tuple[np.n
     mask = np.zeros(image.shape[:2], bool)
     mask[y : y + h, x : x + w] = True
     return out, mask
+
+
+@contextlib.contextmanager
+def tracking_store(folder, experiment: str):
+    """A fresh SQLite MLflow store in ``folder`` (artifacts beside it, never ./mlruns) with
+    ``experiment`` active; the global tracking URI is restored afterwards."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{folder}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment(experiment, artifact_location=str(folder / "artifacts"))
+    mlflow.set_experiment(experiment)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(previous)
