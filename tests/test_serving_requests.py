@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 
 import mlflow
@@ -17,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from test_metrics import components as flood_fill
 from tiny import textures, tiny_config, tracking_store, with_defect
 
 from fbft import FBFT
@@ -63,25 +63,9 @@ def _load(uri, monkeypatch, folders: str | None = None):
 
 
 def _flood_components(values: np.ndarray, threshold: float) -> list[dict]:
-    """Oracle: 8-connected components of values > threshold by breadth-first search."""
-    above = values > threshold
-    seen = np.zeros_like(above)
+    """Oracle: 8-connected components of values > threshold (the metrics tests' flood fill)."""
     found = []
-    for start in zip(*np.nonzero(above), strict=True):
-        if seen[start]:
-            continue
-        queue, pixels = deque([start]), []
-        seen[start] = True
-        while queue:
-            r, c = queue.popleft()
-            pixels.append((r, c))
-            for dr in (-1, 0, 1):
-                for dc in (-1, 0, 1):
-                    rr, cc = r + dr, c + dc
-                    inside = 0 <= rr < above.shape[0] and 0 <= cc < above.shape[1]
-                    if inside and above[rr, cc] and not seen[rr, cc]:
-                        seen[rr, cc] = True
-                        queue.append((rr, cc))
+    for pixels in flood_fill(values > threshold):
         rows, cols = zip(*pixels, strict=True)
         found.append(
             {
